@@ -1,0 +1,137 @@
+"""`python -m cookbook`: run the notebooks headless, in order, and print their results tables.
+
+    python -m cookbook list                 # the notebooks, in order
+    python -m cookbook run                  # execute all of them, print each results table
+    python -m cookbook run 00 03_outliers   # only these (by number or name prefix)
+    python -m cookbook run --model google/gemma-3-1b-pt --inplace
+    python -m cookbook info                 # model, device and versions
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .models import MODEL_ENV_VAR, model_name
+from .report import RESULTS_METADATA_KEY
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+
+
+def list_notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
+    if not directory.is_dir():
+        raise SystemExit(f"No notebooks folder at {directory}; run from a clone of the cookbook (pip install -e .).")
+    return sorted(p for p in directory.glob("[0-9][0-9]_*.ipynb"))
+
+
+def select_notebooks(names: list[str], notebooks: list[Path]) -> list[Path]:
+    """Notebooks whose file name starts with each given name ('03' or '03_outliers'), in order."""
+    if not names:
+        return notebooks
+    chosen = []
+    for name in names:
+        stem = Path(name).stem
+        matches = [nb for nb in notebooks if nb.stem.startswith(stem)]
+        if not matches:
+            raise SystemExit(f"No notebook matches {name!r}. Available: {', '.join(nb.stem for nb in notebooks)}")
+        chosen += [m for m in matches if m not in chosen]
+    return sorted(chosen)
+
+
+def results_tables(nb) -> list[str]:
+    """The plain-text results tables a notebook displayed with `show_results`."""
+    tables = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if RESULTS_METADATA_KEY in output.get("metadata", {}):
+                tables.append(output["data"]["text/plain"])
+    return tables
+
+
+def execute_notebook(path: Path, timeout: int, inplace: bool, output_dir: Path):
+    import nbformat
+    from nbclient import NotebookClient
+    from tqdm.auto import tqdm
+
+    nb = nbformat.read(path, as_version=4)
+    code_cells = sum(c.cell_type == "code" for c in nb.cells)
+    bar = tqdm(total=code_cells, desc=path.stem, unit="cell", leave=True)
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+        on_cell_executed=lambda **_: bar.update(1),
+    )
+    try:
+        client.execute()
+    finally:
+        bar.close()
+        target = path if inplace else output_dir / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, target)
+    return nb
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.model:
+        os.environ[MODEL_ENV_VAR] = args.model
+    notebooks = select_notebooks(args.notebooks, list_notebooks())
+    print(f"Running {len(notebooks)} notebook(s) on model {model_name()!r}; "
+          f"executed copies go to {'the notebooks themselves' if args.inplace else args.output_dir}\n")
+    failed = []
+    for path in notebooks:
+        start = time.perf_counter()
+        try:
+            nb = execute_notebook(path, args.timeout, args.inplace, Path(args.output_dir))
+        except Exception as exc:  # report and go on with the next notebook
+            failed.append(path.stem)
+            print(f"\n[FAILED] {path.stem}: {type(exc).__name__}: {str(exc)[-2000:]}\n", file=sys.stderr)
+            continue
+        print(f"\n=== {path.stem} ({time.perf_counter() - start:.0f} s)")
+        for table in results_tables(nb) or ["(no results table)"]:
+            print(table, end="\n\n")
+    if failed:
+        print(f"{len(failed)} notebook(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"All {len(notebooks)} notebook(s) ran.")
+    return 0
+
+
+def cmd_list(_: argparse.Namespace) -> int:
+    for nb in list_notebooks():
+        print(nb.stem)
+    return 0
+
+
+def cmd_info(_: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+    import transformers
+
+    from .models import resolve_device
+
+    print(f"model:        {model_name()}  (set ${MODEL_ENV_VAR} or --model to change)")
+    print(f"device:       {resolve_device()}")
+    print(f"python:       {platform.python_version()}  torch {torch.__version__}  transformers {transformers.__version__}")
+    print(f"cpu threads:  {torch.get_num_threads()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cookbook", description="Run the LLM Efficiency Cookbook.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute notebooks headless and print their results tables")
+    run.add_argument("notebooks", nargs="*", help="numbers or names (default: all, in order)")
+    run.add_argument("--model", help=f"model alias, local directory or Hugging Face id (sets ${MODEL_ENV_VAR})")
+    run.add_argument("--inplace", action="store_true", help="write outputs back into notebooks/")
+    run.add_argument("--output-dir", default="build/notebooks", help="where executed copies go")
+    run.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
+    run.set_defaults(func=cmd_run)
+    sub.add_parser("list", help="list the notebooks in order").set_defaults(func=cmd_list)
+    sub.add_parser("info", help="model, device and versions").set_defaults(func=cmd_info)
+    args = parser.parse_args(argv)
+    return args.func(args)

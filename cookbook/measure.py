@@ -1,0 +1,230 @@
+"""Measurement: parameters, bytes held, peak memory, latency, tokens/s and memory bandwidth.
+
+Timings follow one rule everywhere: warm up first, repeat, report the median (CUDA is
+synchronised before each clock read).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+from torch import nn
+
+
+# ---------------------------------------------------------------- sizes
+
+
+def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Tensors with distinct storage (tied weights counted once)."""
+    seen, out = set(), []
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.dtype)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters, each shared (tied) tensor counted once."""
+    params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
+    return sum(p.numel() for p in _unique(params))
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes the model really holds: parameters plus persistent buffers, shared storage once.
+
+    Quantized modules keep packed integer weights and scales as buffers, so they count here too.
+    """
+    buffers = [b for name, b in model.named_buffers() if _is_persistent(model, name)]
+    return sum(tensor_bytes(t) for t in _unique([*model.parameters(), *buffers]))
+
+
+def _is_persistent(model: nn.Module, buffer_name: str) -> bool:
+    module_name, _, leaf = buffer_name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return leaf not in module._non_persistent_buffers_set
+
+
+def parameter_breakdown(model: nn.Module) -> dict[str, int]:
+    """Parameters per part of a decoder LM: embedding, attention, MLP, norms, other (ties once)."""
+    groups = {"embedding": 0, "attention": 0, "mlp": 0, "norm": 0, "other": 0}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        groups[_group(name)] += p.numel()
+    return groups
+
+
+def _group(name: str) -> str:
+    if "embed" in name or "lm_head" in name or "wte" in name or "wpe" in name:
+        return "embedding"
+    if "attn" in name or "attention" in name:
+        return "norm" if "norm" in name else "attention"
+    if "mlp" in name or "feed_forward" in name or "experts" in name:
+        return "mlp"
+    return "norm" if "norm" in name else "other"
+
+
+def kv_cache_bytes_per_token(config, dtype: torch.dtype = torch.float32) -> int:
+    """K and V for one token across all layers: 2 * layers * kv_heads * head_dim * element size."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- time
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the median of `repeats` runs after `warmup` discarded runs."""
+
+    median_s: float
+    min_s: float
+    max_s: float
+    repeats: int
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_function(fn: Callable[[], object], warmup: int = 1, repeats: int = 5, device=None) -> Timing:
+    """Run `fn` `warmup` times, then time `repeats` calls; CUDA is synchronised around each."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return Timing(statistics.median(times), min(times), max(times), repeats)
+
+
+@dataclass(frozen=True)
+class GenerationSpeed:
+    """Prefill (the prompt in one pass) and decode (one token per step) speeds of greedy generation."""
+
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    generate_s: float
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s
+
+    @property
+    def decode_s_per_token(self) -> float:
+        # generate = one prefill pass that yields the first token + (new_tokens - 1) decode steps
+        return max(self.generate_s - self.prefill_s, 1e-9) / (self.new_tokens - 1)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return 1.0 / self.decode_s_per_token
+
+
+@torch.no_grad()
+def measure_generation(
+    model, prompt_ids: torch.Tensor, new_tokens: int = 32, warmup: int = 1, repeats: int = 3
+) -> GenerationSpeed:
+    """Time the prefill of `prompt_ids` (1, t) and a greedy `generate` of exactly `new_tokens` tokens."""
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be >= 2 to separate decode from prefill.")
+    prompt_ids = prompt_ids.to(model.device)
+    prefill = time_function(lambda: model(input_ids=prompt_ids), warmup, repeats, model.device)
+    gen = time_function(
+        lambda: model.generate(
+            input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        ),
+        warmup, repeats, model.device,
+    )
+    return GenerationSpeed(prompt_ids.shape[1], new_tokens, prefill.median_s, gen.median_s)
+
+
+def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5, device=None) -> float:
+    """Measured copy bandwidth in bytes/s (reads + writes) of a large tensor copy on `device`."""
+    device = torch.device(device or "cpu")
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    timing = time_function(lambda: dst.copy_(src), warmup=2, repeats=repeats, device=device)
+    return 2 * nbytes / timing.median_s
+
+
+# ---------------------------------------------------------------- memory
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now."""
+    return psutil.Process().memory_info().rss
+
+
+@dataclass
+class PeakMemory:
+    """Context manager: peak CPU RSS (sampled every `interval_s`) and peak CUDA allocation inside it.
+
+    `cpu_peak_bytes` is the process's peak resident memory, `cpu_increase_bytes` how far it rose above
+    the level at entry; `cuda_peak_bytes` is torch's peak allocated memory (0 without a GPU).
+    """
+
+    interval_s: float = 0.005
+    cpu_start_bytes: int = 0
+    cpu_peak_bytes: int = 0
+    cuda_peak_bytes: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def cpu_increase_bytes(self) -> int:
+        return self.cpu_peak_bytes - self.cpu_start_bytes
+
+    def __enter__(self) -> PeakMemory:
+        self.cpu_start_bytes = self.cpu_peak_bytes = rss_bytes()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.cpu_peak_bytes = max(self.cpu_peak_bytes, rss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.cpu_peak_bytes = max(self.cpu_peak_bytes, rss_bytes())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.cuda_peak_bytes = torch.cuda.max_memory_allocated()
