@@ -1,0 +1,64 @@
+import pytest
+import torch
+from torch import nn
+
+from cookbook.measure import (
+    GenerationSpeed, PeakMemory, count_parameters, format_bytes, kv_cache_bytes_per_token, model_bytes,
+    parameter_breakdown, time_function,
+)
+from cookbook.models import tiny_model
+
+
+def test_tied_weights_are_counted_once():
+    model = tiny_model()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    naive = sum(p.numel() for p in model.parameters())  # parameters() already dedups tied tensors
+    assert count_parameters(model) == naive
+    assert sum(parameter_breakdown(model).values()) == count_parameters(model)
+
+
+def test_model_bytes_counts_persistent_buffers_only():
+    m = nn.Linear(4, 4, bias=False)
+    m.register_buffer("codes", torch.zeros(10, dtype=torch.uint8))
+    m.register_buffer("scratch", torch.zeros(100), persistent=False)
+    assert model_bytes(m) == 16 * 4 + 10
+
+
+def test_trainable_only():
+    m = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    m[0].requires_grad_(False)
+    assert count_parameters(m, trainable_only=True) == 12
+
+
+def test_kv_cache_bytes_per_token_from_config():
+    cfg = tiny_model().config  # 2 layers, 1 kv head, head_dim 16
+    assert kv_cache_bytes_per_token(cfg, torch.float32) == 2 * 2 * 1 * 16 * 4
+    assert kv_cache_bytes_per_token(cfg, torch.bfloat16) == 2 * 2 * 1 * 16 * 2
+
+
+def test_time_function_reports_the_median():
+    calls = []
+    t = time_function(lambda: calls.append(1), warmup=2, repeats=5)
+    assert len(calls) == 7 and t.repeats == 5 and t.min_s <= t.median_s <= t.max_s
+    with pytest.raises(ValueError):
+        time_function(lambda: None, repeats=0)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with PeakMemory() as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        x += 1
+        del x
+    assert mem.cpu_increase_bytes > 32 * 2**20
+
+
+def test_generation_speed_arithmetic():
+    s = GenerationSpeed(prompt_tokens=100, new_tokens=11, prefill_s=0.5, generate_s=1.5)
+    assert s.prefill_tokens_per_s == 200
+    assert s.decode_tokens_per_s == pytest.approx(10)
+
+
+def test_format_bytes():
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(3 * 2**20) == "3.0 MiB"
+    assert format_bytes(5 * 2**30) == "5.0 GiB"
