@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import nullcontext
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,7 +437,8 @@ def train(model, batches: Iterable[Batch], steps: int, lr: float = 1e-3, weight_
     losses = []
     for step in range(steps):
         batch = batches[step % len(batches)]
-        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        mixed = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+        with mixed:
             loss = completion_loss(model, batch)
         loss.backward()
         optimizer.step()
