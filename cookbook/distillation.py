@@ -253,7 +253,7 @@ def cache_teacher_topk(teacher: nn.Module, inputs: torch.Tensor, k: int = 64, ba
     teacher.eval()
     values, indices, mass = [], [], []
     for chunk in inputs.split(batch_size):
-        logits = teacher(input_ids=chunk.to(teacher.device)).logits[:, :-1].float()  # (b, t-1, V)
+        logits = teacher(input_ids=chunk.to(teacher.device), use_cache=False).logits[:, :-1].float()  # (b, t-1, V)
         v, i = teacher_topk(logits, k)  # (b, t-1, k)
         mass.append((v - logits.logsumexp(-1, keepdim=True)).exp().sum(-1).cpu())  # (b, t-1)
         values.append(v.half().cpu())
@@ -297,7 +297,7 @@ def train_student(
     for step in range(steps):
         rows = slice(step * batch_size, (step + 1) * batch_size)
         ids = cache.inputs[rows].to(student.device)  # (b, t)
-        logits = student(input_ids=ids[:, :-1]).logits  # (b, t-1, V)
+        logits = student(input_ids=ids[:, :-1], use_cache=False).logits  # (b, t-1, V)
         labels = ids[:, 1:]  # (b, t-1)
         if alpha > 0:
             values = cache.values[rows].to(student.device)
