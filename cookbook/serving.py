@@ -92,7 +92,7 @@ def synthetic_workload(
 
     Prompt lengths are uniform in `prompt_range` (prompts are windows of `token_pool` (n,), BOS first);
     output lengths are log-uniform in `output_range`, so short answers are common and long ones rare;
-    a `high_fraction` of requests is HIGH priority. Same seed, same requests; the rate only rescales arrivals.
+    a `high_fraction` of the requests (rounded, picked at random) is HIGH priority. Same seed, same requests; the rate only rescales arrivals.
     """
     if n_requests < 1 or rate_per_s <= 0:
         raise ValueError("synthetic_workload needs n_requests >= 1 and rate_per_s > 0.")
@@ -107,7 +107,8 @@ def synthetic_workload(
     prompt_lens = rng.integers(p_lo, p_hi + 1, n_requests)
     out_lens = np.exp(rng.uniform(math.log(o_lo), math.log(o_hi + 1), n_requests)).astype(int).clip(o_lo, o_hi)
     starts = rng.integers(0, len(token_pool) - p_hi, n_requests)
-    high = rng.random(n_requests) < high_fraction
+    high = np.zeros(n_requests, dtype=bool)
+    high[rng.permutation(n_requests)[: round(high_fraction * n_requests)]] = True  # exactly that share
     requests = []
     for i in range(n_requests):
         body = token_pool[starts[i] : starts[i] + prompt_lens[i] - (bos_id is not None)].tolist()
