@@ -1,0 +1,727 @@
+"""Serving many requests with one model: static, dynamic and continuous batching, priority scheduling.
+
+Everything here is built from scratch on a Hugging Face Gemma 3 model's weights:
+
+- `forward_tokens` runs a *ragged* batch through the decoder: each sequence brings its own KV cache
+  (`KVCache`, one per request) and its own number of new tokens. New tokens are left-padded to the
+  longest, cached keys are left-padded to the longest history, and an attention bias built from the
+  true positions hides the padding (and keys outside Gemma 3's sliding window). Left padding puts
+  every sequence's last token in the same column, so one slice gives the next-token logits.
+- `simulate` replays a timed workload (`synthetic_workload`) under one `Policy` on a virtual clock:
+  the model really runs, each forward pass advances the clock by its measured wall time (or by a
+  cost model, for tests), and idle gaps between arrivals are skipped instead of slept.
+- `ContinuousEngine` is the iteration-level scheduler (admit and retire sequences every step, with
+  optional priority preemption); `LiveEngine` runs it in a background thread for an HTTP front end.
+
+Generation is greedy and ignores EOS: each request gets exactly `max_new_tokens` tokens, so the
+workload's output lengths are the ones drawn, and every output can be compared token for token with
+`model.generate` on that request alone (`reference_outputs`).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HIGH, LOW = 0, 1
+PRIORITY_NAMES = {"high": HIGH, "low": LOW}
+
+
+# ---------------------------------------------------------------- requests and workload
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request: prompt token ids (BOS included), tokens wanted, arrival time, priority."""
+
+    rid: int
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    arrival_s: float = 0.0
+    priority: int = LOW  # HIGH (0) or LOW (1)
+
+
+def validate_request(
+    prompt_ids: Sequence[int], max_new_tokens: int, priority: int = LOW,
+    vocab_size: int | None = None, max_prompt_tokens: int = 1024, max_new_limit: int = 256,
+) -> None:
+    """Raise ValueError, saying what to change, if a request cannot be served."""
+    if isinstance(prompt_ids, (str, bytes)):
+        raise ValueError("prompt_ids must be a list of token ids, not text; tokenize the prompt first.")
+    ids = list(prompt_ids)
+    if not ids:
+        raise ValueError("The prompt is empty: send at least one token (a BOS token is enough).")
+    if len(ids) > max_prompt_tokens:
+        raise ValueError(f"The prompt has {len(ids)} tokens; this server accepts at most {max_prompt_tokens}.")
+    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+        raise ValueError("prompt_ids must contain integers only.")
+    bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+    if bad:
+        raise ValueError(f"Token id {bad[0]} is outside the vocabulary [0, {vocab_size}).")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}.")
+    if not 1 <= max_new_tokens <= max_new_limit:
+        raise ValueError(f"max_new_tokens must be between 1 and {max_new_limit}, got {max_new_tokens}.")
+    if priority not in (HIGH, LOW):
+        raise ValueError(f"priority must be {HIGH} (high) or {LOW} (low), got {priority!r}.")
+
+
+def make_request(
+    rid: int, prompt_ids: Sequence[int], max_new_tokens: int, arrival_s: float = 0.0, priority: int = LOW,
+    vocab_size: int | None = None,
+) -> Request:
+    """A checked `Request` (see `validate_request`)."""
+    validate_request(prompt_ids, max_new_tokens, priority, vocab_size)
+    return Request(rid, tuple(int(t) for t in prompt_ids), int(max_new_tokens), float(arrival_s), priority)
+
+
+def synthetic_workload(
+    token_pool: torch.Tensor, n_requests: int = 24, rate_per_s: float = 4.0, seed: int = 0,
+    prompt_range: tuple[int, int] = (8, 64), output_range: tuple[int, int] = (4, 32),
+    high_fraction: float = 0.25, bos_id: int | None = 2,
+) -> list[Request]:
+    """A reproducible open-loop workload: Poisson arrivals at `rate_per_s`, mixed prompt and output lengths.
+
+    Prompt lengths are uniform in `prompt_range` (prompts are windows of `token_pool` (n,), BOS first);
+    output lengths are log-uniform in `output_range`, so short answers are common and long ones rare;
+    a `high_fraction` of the requests (rounded, picked at random) is HIGH priority. Same seed, same requests; the rate only rescales arrivals.
+    """
+    if n_requests < 1 or rate_per_s <= 0:
+        raise ValueError("synthetic_workload needs n_requests >= 1 and rate_per_s > 0.")
+    (p_lo, p_hi), (o_lo, o_hi) = prompt_range, output_range
+    if not 1 <= p_lo <= p_hi or not 1 <= o_lo <= o_hi:
+        raise ValueError(f"Bad ranges prompt_range={prompt_range}, output_range={output_range}: need 1 <= lo <= hi.")
+    if len(token_pool) <= p_hi:
+        raise ValueError(f"token_pool has {len(token_pool)} tokens; it needs more than {p_hi}.")
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0, n_requests)  # unit-rate inter-arrival gaps
+    arrivals = (np.cumsum(gaps) - gaps[0]) / rate_per_s  # first request at t = 0
+    prompt_lens = rng.integers(p_lo, p_hi + 1, n_requests)
+    out_lens = np.exp(rng.uniform(math.log(o_lo), math.log(o_hi + 1), n_requests)).astype(int).clip(o_lo, o_hi)
+    starts = rng.integers(0, len(token_pool) - p_hi, n_requests)
+    high = np.zeros(n_requests, dtype=bool)
+    high[rng.permutation(n_requests)[: round(high_fraction * n_requests)]] = True  # exactly that share
+    requests = []
+    for i in range(n_requests):
+        body = token_pool[starts[i] : starts[i] + prompt_lens[i] - (bos_id is not None)].tolist()
+        ids = ([bos_id] if bos_id is not None else []) + body
+        requests.append(Request(i, tuple(ids), int(out_lens[i]), float(arrivals[i]), HIGH if high[i] else LOW))
+    return requests
+
+
+def with_rate(requests: Sequence[Request], rate_per_s: float, base_rate_per_s: float) -> list[Request]:
+    """The same requests with arrival times rescaled from `base_rate_per_s` to `rate_per_s`."""
+    scale = base_rate_per_s / rate_per_s
+    return [Request(r.rid, r.prompt_ids, r.max_new_tokens, r.arrival_s * scale, r.priority) for r in requests]
+
+
+# ---------------------------------------------------------------- per-sequence KV cache
+
+
+class KVCache:
+    """Keys and values of one sequence for every layer: (layers, kv_heads, capacity, head_dim), grown on demand."""
+
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:
+        self.keys = torch.zeros(n_layers, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.length = 0  # tokens already cached
+
+    @classmethod
+    def for_model(cls, model, capacity: int) -> KVCache:
+        cfg = model.config
+        p = next(model.parameters())
+        return cls(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity, p.dtype, p.device)
+
+    def reserve(self, total: int) -> None:
+        """Make room for `total` tokens (doubling, so appends stay cheap)."""
+        cap = self.keys.shape[2]
+        if total > cap:
+            new_cap = max(total, 2 * cap)
+            pad = (0, 0, 0, new_cap - cap)  # pad the token axis (dim 2) on the right
+            self.keys, self.values = F.pad(self.keys, pad), F.pad(self.values, pad)
+
+    def nbytes(self) -> int:
+        """Bytes of the cached tokens (what a paged cache would hold), not the spare capacity."""
+        return 2 * self.keys[:, :, : self.length].numel() * self.keys.element_size()
+
+
+# ---------------------------------------------------------------- the ragged batched forward
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding: x (b, heads, n, hd), cos/sin (b, n, hd)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def positions(past: torch.Tensor, n_new: torch.Tensor, width: int, total_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token positions of the left-padded queries (b, width) and keys (b, total_width); padding gets -1."""
+    col = torch.arange(width)
+    q_pos = col[None] - (width - n_new)[:, None] + past[:, None]  # (b, width)
+    q_pos = torch.where(col[None] >= (width - n_new)[:, None], q_pos, -1)
+    total = past + n_new
+    kcol = torch.arange(total_width)
+    k_pos = kcol[None] - (total_width - total)[:, None]  # (b, T)
+    k_pos = torch.where(k_pos >= 0, k_pos, -1)
+    return q_pos, k_pos
+
+
+def attention_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dtype) -> torch.Tensor:
+    """Additive mask (b, 1, n, T): 0 where a query may see a key, a large negative number elsewhere.
+
+    A key is visible if it is real (not padding), not in the future, and, for sliding-window layers,
+    less than `window` positions back. Padded query rows see nothing useful; their output is discarded.
+    """
+    q, k = q_pos[:, :, None], k_pos[:, None, :]  # (b, n, 1), (b, 1, T)
+    ok = (k >= 0) & (k <= q)
+    if window is not None:
+        ok &= k > q - window
+    bias = torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, torch.finfo(dtype).min)
+    return bias[:, None]  # (b, 1, n, T)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+           fused: bool = True, softcap: float | None = None) -> torch.Tensor:
+    """Grouped-query attention: q (b, H, n, hd), k/v (b, KV, T, hd), bias (b, 1, n, T) -> (b, H, n, hd)."""
+    if fused and softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (b, H, T, hd)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (b, H, n, T)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    weights = torch.softmax((scores + bias).float(), dim=-1).to(q.dtype)  # (b, H, n, T)
+    return weights @ v  # (b, H, n, hd)
+
+
+def _attention_block(attn, h: torch.Tensor, cos, sin, bias, caches: Sequence[KVCache], layer: int,
+                     n_new: list[int], past: list[int], total_width: int, fused: bool) -> torch.Tensor:
+    b, n, _ = h.shape
+    hd, kvh = attn.head_dim, attn.k_proj.out_features // attn.head_dim
+    q = attn.q_proj(h).view(b, n, -1, hd).transpose(1, 2)  # (b, H, n, hd)
+    k = attn.k_proj(h).view(b, n, kvh, hd).transpose(1, 2)  # (b, KV, n, hd)
+    v = attn.v_proj(h).view(b, n, kvh, hd).transpose(1, 2)  # (b, KV, n, hd)
+    q, k = apply_rope(attn.q_norm(q), cos, sin), apply_rope(attn.k_norm(k), cos, sin)
+    keys = h.new_zeros(b, kvh, total_width, hd)  # (b, KV, T, hd), left-padded histories
+    values = torch.zeros_like(keys)
+    for i, cache in enumerate(caches):
+        start, end = past[i], past[i] + n_new[i]
+        cache.keys[layer, :, start:end] = k[i, :, n - n_new[i]:]  # this step's real tokens only
+        cache.values[layer, :, start:end] = v[i, :, n - n_new[i]:]
+        keys[i, :, total_width - end:] = cache.keys[layer, :, :end]
+        values[i, :, total_width - end:] = cache.values[layer, :, :end]
+    out = attend(q, keys, values, bias, attn.scaling, fused, attn.config.attn_logit_softcapping)  # (b, H, n, hd)
+    return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))  # (b, n, d)
+
+
+@torch.no_grad()
+def forward_tokens(model, tokens: Sequence[Sequence[int]], caches: Sequence[KVCache],
+                   fused: bool = True) -> torch.Tensor:
+    """Feed `tokens[i]` to sequence i (whose history is in `caches[i]`); return next-token logits (b, vocab).
+
+    Sequences may bring different numbers of new tokens (a prompt, or one decode token) and have
+    different history lengths: both are left-padded and masked. The caches are extended in place.
+    """
+    if len(tokens) != len(caches) or not tokens:
+        raise ValueError(f"forward_tokens needs one cache per sequence and at least one sequence, "
+                         f"got {len(tokens)} token lists and {len(caches)} caches.")
+    if any(len(t) == 0 for t in tokens):
+        raise ValueError("Every sequence in the batch needs at least one new token.")
+    cfg, device = model.config, model.device
+    n_new = [len(t) for t in tokens]
+    past = [c.length for c in caches]
+    width, total_width = max(n_new), max(p + n for p, n in zip(past, n_new))
+    for c, p, n in zip(caches, past, n_new):
+        c.reserve(p + n)
+    ids = torch.full((len(tokens), width), cfg.pad_token_id or 0, dtype=torch.long)
+    for i, t in enumerate(tokens):
+        ids[i, width - len(t):] = torch.as_tensor(list(t), dtype=torch.long)  # left padding
+    q_pos, k_pos = positions(torch.tensor(past), torch.tensor(n_new), width, total_width)
+    inner = model.model
+    x = inner.embed_tokens(ids.to(device))  # (b, n, d), already scaled by sqrt(d)
+    rope_pos = q_pos.clamp(min=0).to(device)
+    windows = {"sliding_attention": cfg.sliding_window, "full_attention": None}
+    rope = {lt: inner.rotary_emb(x, rope_pos, lt) for lt in set(cfg.layer_types)}  # cos, sin: (b, n, hd)
+    bias = {lt: attention_bias(q_pos, k_pos, windows[lt], x.dtype).to(device) for lt in set(cfg.layer_types)}
+    for idx, layer in enumerate(inner.layers):
+        lt = cfg.layer_types[idx]
+        h = _attention_block(layer.self_attn, layer.input_layernorm(x), *rope[lt], bias[lt], caches, idx,
+                             n_new, past, total_width, fused)
+        x = x + layer.post_attention_layernorm(h)
+        x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))  # (b, n, d)
+    for c, n in zip(caches, n_new):
+        c.length += n
+    logits = model.lm_head(inner.norm(x[:, -1]))  # (b, vocab): the last column is every sequence's last token
+    if cfg.final_logit_softcapping is not None:
+        logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+    return logits
+
+
+@torch.no_grad()
+def reference_outputs(model, requests: Sequence[Request]) -> dict[int, list[int]]:
+    """What `model.generate` (greedy, EOS ignored) produces for each request run alone: {rid: new tokens}."""
+    out = {}
+    for r in requests:
+        ids = torch.tensor([r.prompt_ids], device=model.device)  # (1, t)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.max_new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=model.config.pad_token_id or 0)
+        out[r.rid] = gen[0, ids.shape[1]:].tolist()
+    return out
+
+
+@torch.no_grad()
+def generate_alone(model, request: Request, fused: bool = True) -> list[int]:
+    """Greedy tokens for one request through `forward_tokens` with batch size 1 (no padding at all)."""
+    cache = KVCache.for_model(model, len(request.prompt_ids) + request.max_new_tokens)
+    logits = forward_tokens(model, [request.prompt_ids], [cache], fused)
+    out = [int(logits[0].argmax())]
+    while len(out) < request.max_new_tokens:
+        out.append(int(forward_tokens(model, [[out[-1]]], [cache], fused)[0].argmax()))
+    return out
+
+
+# ---------------------------------------------------------------- clocks
+
+
+class VirtualClock:
+    """Simulated time. `run` executes a forward pass for real and advances the clock by its wall time,
+    or by `cost_model(n_sequences, token_slots)` seconds when one is given (deterministic, for tests)."""
+
+    def __init__(self, cost_model: Callable[[int, int], float] | None = None) -> None:
+        self.now = 0.0
+        self.cost_model = cost_model
+        self.busy_s = 0.0
+
+    def run(self, fn: Callable[[], object], n_sequences: int, token_slots: int):
+        start = time.perf_counter()
+        result = fn()
+        spent = time.perf_counter() - start if self.cost_model is None else self.cost_model(n_sequences, token_slots)
+        self.now += spent
+        self.busy_s += spent
+        return result
+
+    def wait_until(self, t: float) -> None:
+        """Idle until `t` (free on a virtual clock)."""
+        self.now = max(self.now, t)
+
+
+class WallClock(VirtualClock):
+    """Real time since creation, for the live server."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._t0 = time.perf_counter()
+
+    @property  # type: ignore[override]
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    @now.setter
+    def now(self, _: float) -> None:  # time moves by itself
+        pass
+
+    def run(self, fn, n_sequences, token_slots):
+        start = time.perf_counter()
+        result = fn()
+        self.busy_s += time.perf_counter() - start
+        return result
+
+
+# ---------------------------------------------------------------- per-request state and scheduling
+
+
+@dataclass
+class SeqState:
+    """A request in flight: its cache, tokens so far and timestamps (seconds on the engine's clock)."""
+
+    request: Request
+    cache: KVCache | None = None
+    output: list[int] = field(default_factory=list)
+    admitted_s: float | None = None
+    first_token_s: float | None = None
+    finished_s: float | None = None
+    preemptions: int = 0
+
+    @property
+    def done(self) -> bool:
+        return len(self.output) >= self.request.max_new_tokens
+
+
+def queue_key(r: Request, priority_delay_s: float) -> tuple[float, float, int]:
+    """Scheduling order: a LOW request queues as if it had arrived `priority_delay_s` later.
+
+    So HIGH requests jump ahead of LOW ones that arrived less than `priority_delay_s` earlier, but a
+    LOW request is never overtaken by anything arriving more than `priority_delay_s` after it: the
+    bound that prevents starvation. 0 means plain first-come-first-served; math.inf strict priority.
+    """
+    delay = 0.0 if r.priority == HIGH else priority_delay_s
+    return (r.arrival_s + delay, r.arrival_s, r.rid)
+
+
+@dataclass
+class Stats:
+    """Work counters of one run: forward passes and token slots computed, useful or wasted on padding."""
+
+    prefill_passes: int = 0
+    decode_steps: int = 0
+    prefill_slots: int = 0  # (batch x padded prompt width) of every prefill pass
+    prefill_pad_slots: int = 0
+    decode_slots: int = 0  # rows of every decode step
+    decode_idle_slots: int = 0  # rows whose request had already finished (static/dynamic batching)
+    preemptions: int = 0
+
+    @property
+    def padding_waste(self) -> float:
+        """Fraction of computed token slots that produced nothing a request asked for."""
+        total = self.prefill_slots + self.decode_slots
+        return (self.prefill_pad_slots + self.decode_idle_slots) / max(total, 1)
+
+
+def _prefill(model, seqs: list[SeqState], clock: VirtualClock, stats: Stats) -> None:
+    """One left-padded prefill pass over new sequences; each gets its first token."""
+    for s in seqs:
+        s.cache = KVCache.for_model(model, len(s.request.prompt_ids) + s.request.max_new_tokens)
+    width = max(len(s.request.prompt_ids) for s in seqs)
+    logits = clock.run(lambda: forward_tokens(model, [s.request.prompt_ids for s in seqs], [s.cache for s in seqs]),
+                       len(seqs), len(seqs) * width)
+    stats.prefill_passes += 1
+    stats.prefill_slots += len(seqs) * width
+    stats.prefill_pad_slots += sum(width - len(s.request.prompt_ids) for s in seqs)
+    for s, tok in zip(seqs, logits.argmax(-1).tolist()):
+        s.output.append(tok)
+        s.first_token_s = clock.now
+        if s.done:
+            s.finished_s = clock.now
+
+
+def _decode(model, seqs: list[SeqState], clock: VirtualClock, stats: Stats, extra: dict[int, list[int]] | None = None) -> None:
+    """One decode step: every sequence feeds its last token. Finished rows (static batching) keep
+    running on their own continuation (`extra`), which is the padding waste of request-level batching."""
+    def last(s: SeqState) -> int:
+        tail = extra.get(s.request.rid) if extra else None
+        return tail[-1] if tail else s.output[-1]
+    logits = clock.run(lambda: forward_tokens(model, [[last(s)] for s in seqs], [s.cache for s in seqs]),
+                       len(seqs), len(seqs))
+    stats.decode_steps += 1
+    stats.decode_slots += len(seqs)
+    for s, tok in zip(seqs, logits.argmax(-1).tolist()):
+        if s.done:
+            stats.decode_idle_slots += 1
+            if extra is not None:
+                extra.setdefault(s.request.rid, []).append(tok)
+            continue
+        s.output.append(tok)
+        if s.done:
+            s.finished_s = clock.now
+
+
+class ContinuousEngine:
+    """Iteration-level batching: every `step` retires finished sequences, admits waiting ones into free
+    slots (in `queue_key` order), prefills the newcomers in one pass, then decodes all running ones.
+
+    With `preempt=True`, a waiting HIGH request that finds the batch full evicts the running LOW
+    sequence that is last in queue order. The evicted sequence keeps its KV cache (nothing is
+    recomputed; a GPU server would swap it to host memory) and resumes where it stopped when readmitted.
+    """
+
+    def __init__(self, model, max_batch: int = 8, priority_delay_s: float = 0.0, preempt: bool = False) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}.")
+        if priority_delay_s < 0:
+            raise ValueError(f"priority_delay_s must be >= 0, got {priority_delay_s}.")
+        self.model, self.max_batch, self.delay, self.preempt = model, max_batch, priority_delay_s, preempt
+        self.waiting: list[SeqState] = []
+        self.running: list[SeqState] = []
+        self.stats = Stats()
+
+    def add(self, seq: SeqState) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _key(self, s: SeqState):
+        return queue_key(s.request, self.delay)
+
+    def _admit(self, clock: VirtualClock) -> list[SeqState]:
+        self.waiting.sort(key=self._key)
+        if self.preempt:
+            self._preempt_for_high()
+        free = self.max_batch - len(self.running)
+        admitted, self.waiting = self.waiting[:free], self.waiting[free:]
+        for s in admitted:
+            if s.admitted_s is None:
+                s.admitted_s = clock.now
+        self.running += admitted
+        return [s for s in admitted if s.cache is None]  # preempted ones resume without a prefill
+
+    def _preempt_for_high(self) -> None:
+        free = self.max_batch - len(self.running)
+        for w in [w for w in self.waiting if w.request.priority == HIGH][max(free, 0):]:
+            victims = [r for r in self.running if r.request.priority > w.request.priority
+                       and self._key(r) > self._key(w)]
+            if not victims:
+                break
+            victim = max(victims, key=self._key)
+            self.running.remove(victim)
+            victim.preemptions += 1
+            self.stats.preemptions += 1
+            self.waiting.append(victim)
+        self.waiting.sort(key=self._key)
+
+    def step(self, clock: VirtualClock) -> list[SeqState]:
+        """One iteration; returns the sequences that finished in it."""
+        new = self._admit(clock)
+        if new:
+            _prefill(self.model, new, clock, self.stats)
+        to_decode = [s for s in self.running if not s.done and s not in new]
+        if to_decode:
+            _decode(self.model, to_decode, clock, self.stats)
+        finished = [s for s in self.running if s.done]
+        self.running = [s for s in self.running if not s.done]
+        return finished
+
+
+# ---------------------------------------------------------------- policies and the simulator
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How requests are batched.
+
+    kind: "static" (wait for `max_batch` requests, run the batch to completion), "dynamic" (launch
+    when `max_batch` are waiting or the oldest has waited `window_s`, run to completion) or
+    "continuous" (iteration-level). priority_delay_s: see `queue_key`. preempt: continuous only.
+    """
+
+    kind: str
+    max_batch: int = 8
+    window_s: float = 0.0
+    priority_delay_s: float = 0.0
+    preempt: bool = False
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("static", "dynamic", "continuous"):
+            raise ValueError(f"Unknown policy kind {self.kind!r}; use 'static', 'dynamic' or 'continuous'.")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}.")
+        if self.window_s < 0 or self.priority_delay_s < 0:
+            raise ValueError("window_s and priority_delay_s must be >= 0.")
+        if self.preempt and self.kind != "continuous":
+            raise ValueError("preempt=True needs kind='continuous': request-level batches run to completion.")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+@dataclass
+class RunResult:
+    """Everything one simulated run produced: per-request states, work counters, clock."""
+
+    policy: Policy
+    seqs: list[SeqState]
+    stats: Stats
+    makespan_s: float
+    busy_s: float
+
+    @property
+    def outputs(self) -> dict[int, list[int]]:
+        return {s.request.rid: s.output for s in self.seqs}
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(s.output) for s in self.seqs)
+
+    @property
+    def throughput(self) -> float:
+        """Generated tokens per second from the first arrival to the last completion."""
+        return self.generated_tokens / self.makespan_s
+
+    def latencies(self, priority: int | None = None) -> np.ndarray:
+        return np.array([s.finished_s - s.request.arrival_s for s in self.seqs
+                         if priority is None or s.request.priority == priority])
+
+    def ttfts(self, priority: int | None = None) -> np.ndarray:
+        return np.array([s.first_token_s - s.request.arrival_s for s in self.seqs
+                         if priority is None or s.request.priority == priority])
+
+
+def percentiles(x: np.ndarray, qs: Sequence[float] = (50, 95, 99)) -> dict[str, float]:
+    """{'p50': ..., 'p95': ..., 'p99': ...} (linear interpolation, as numpy does)."""
+    return {f"p{q:g}": float(np.percentile(x, q)) for q in qs}
+
+
+def _arrive(pending: list[Request], now: float, into: list[SeqState]) -> list[Request]:
+    while pending and pending[0].arrival_s <= now:
+        into.append(SeqState(pending.pop(0)))
+    return pending
+
+
+def simulate(model, requests: Sequence[Request], policy: Policy, clock: VirtualClock | None = None) -> RunResult:
+    """Serve `requests` under `policy` on a virtual clock and return every request's tokens and times.
+
+    Time: requests arrive at their `arrival_s`; every forward pass advances the clock by its measured
+    wall time (or the clock's cost model); when nothing can run, the clock jumps to the next event
+    (an arrival, or a dynamic-batching window closing). Latency = finish - arrival, TTFT = first token -
+    arrival, both on this clock, so queueing delay is included.
+    """
+    if not requests:
+        raise ValueError("simulate needs at least one request.")
+    if len({r.rid for r in requests}) != len(requests):
+        raise ValueError("Request ids (rid) must be unique.")
+    clock = clock or VirtualClock()
+    pending = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
+    start = pending[0].arrival_s
+    clock.wait_until(start)
+    if policy.kind == "continuous":
+        seqs, stats = _simulate_continuous(model, pending, policy, clock)
+    else:
+        seqs, stats = _simulate_request_level(model, pending, policy, clock)
+    seqs.sort(key=lambda s: s.request.rid)
+    return RunResult(policy, seqs, stats, max(s.finished_s for s in seqs) - start, clock.busy_s)
+
+
+def _simulate_continuous(model, pending: list[Request], policy: Policy, clock: VirtualClock):
+    engine = ContinuousEngine(model, policy.max_batch, policy.priority_delay_s, policy.preempt)
+    done: list[SeqState] = []
+    while pending or engine.has_work():
+        _arrive(pending, clock.now, engine.waiting)
+        if not engine.has_work():
+            clock.wait_until(pending[0].arrival_s)
+            continue
+        done += engine.step(clock)
+    return done, engine.stats
+
+
+def _simulate_request_level(model, pending: list[Request], policy: Policy, clock: VirtualClock):
+    waiting: list[SeqState] = []
+    done: list[SeqState] = []
+    stats = Stats()
+    while pending or waiting:
+        _arrive(pending, clock.now, waiting)
+        waiting.sort(key=lambda s: queue_key(s.request, policy.priority_delay_s))
+        full = len(waiting) >= policy.max_batch
+        window_closed = (policy.kind == "dynamic" and waiting
+                         and clock.now >= min(s.request.arrival_s for s in waiting) + policy.window_s)
+        if not (full or window_closed or (waiting and not pending)):
+            events = [pending[0].arrival_s] if pending else []
+            if policy.kind == "dynamic" and waiting:
+                events.append(min(s.request.arrival_s for s in waiting) + policy.window_s)
+            clock.wait_until(min(events))
+            continue
+        batch, waiting = waiting[: policy.max_batch], waiting[policy.max_batch :]
+        for s in batch:
+            s.admitted_s = clock.now
+        _prefill(model, batch, clock, stats)
+        extra: dict[int, list[int]] = {}
+        while not all(s.done for s in batch):
+            _decode(model, batch, clock, stats, extra)
+        done += batch
+    return done, stats
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_outputs(result: RunResult, reference: dict[int, list[int]]) -> list[int]:
+    """Request ids whose tokens differ from `reference` (or are missing); [] means all match."""
+    outputs = result.outputs
+    return [rid for rid, ref in reference.items() if outputs.get(rid) != ref]
+
+
+def summarize(result: RunResult, load_per_s: float | None = None) -> dict:
+    """One results-table row: throughput, TTFT and latency percentiles, padding waste."""
+    lat, ttft = percentiles(result.latencies()), percentiles(result.ttfts())
+    row = {"policy": result.policy.label}
+    if load_per_s is not None:
+        row["load req/s"] = load_per_s
+    row |= {
+        "tok/s": result.throughput,
+        "TTFT p50 s": ttft["p50"], "TTFT p95 s": ttft["p95"],
+        "lat p50 s": lat["p50"], "lat p95 s": lat["p95"], "lat p99 s": lat["p99"],
+        "steps": result.stats.prefill_passes + result.stats.decode_steps,
+        "pad waste %": 100 * result.stats.padding_waste,
+    }
+    return row
+
+
+# ---------------------------------------------------------------- live engine (for the HTTP front end)
+
+
+class LiveEngine:
+    """`ContinuousEngine` driven by a background thread on the wall clock; `submit` blocks until done.
+
+    Thread-safe: HTTP handlers call `submit` from any thread; only the engine thread touches the model.
+    """
+
+    def __init__(self, model, max_batch: int = 8, priority_delay_s: float = 0.0, preempt: bool = False,
+                 max_prompt_tokens: int = 256, max_new_limit: int = 64) -> None:
+        self.engine = ContinuousEngine(model, max_batch, priority_delay_s, preempt)
+        self.clock = WallClock()
+        self.vocab_size = model.config.vocab_size
+        self.max_prompt_tokens, self.max_new_limit = max_prompt_tokens, max_new_limit
+        self._inbox: queue.Queue = queue.Queue()
+        self._events: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="cookbook-engine")
+        self.completed = 0
+
+    def start(self) -> LiveEngine:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, prompt_ids: Sequence[int], max_new_tokens: int, priority: int = LOW,
+               timeout: float = 120.0) -> SeqState:
+        """Queue a request, wait for it, return its state (tokens and wall-clock timestamps)."""
+        validate_request(prompt_ids, max_new_tokens, priority, self.vocab_size,
+                         self.max_prompt_tokens, self.max_new_limit)
+        if not self._thread.is_alive():
+            raise RuntimeError("The engine is not running: call start() first (or it was stopped).")
+        with self._lock:
+            rid, self._next_id = self._next_id, self._next_id + 1
+            done = self._events[rid] = threading.Event()
+        seq = SeqState(Request(rid, tuple(int(t) for t in prompt_ids), int(max_new_tokens), self.clock.now, priority))
+        self._inbox.put(seq)
+        if not done.wait(timeout):
+            raise TimeoutError(f"Request {rid} did not finish within {timeout} s.")
+        with self._lock:
+            del self._events[rid]
+        return seq
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            block = not self.engine.has_work()
+            try:
+                while True:  # drain the inbox; block only when idle
+                    item = self._inbox.get(block=block, timeout=0.5 if block else None)
+                    block = False
+                    if item is not None:
+                        self.engine.add(item)
+            except queue.Empty:
+                pass
+            if self.engine.has_work():
+                for s in self.engine.step(self.clock):
+                    self.completed += 1
+                    with self._lock:
+                        self._events[s.request.rid].set()
