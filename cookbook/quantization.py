@@ -212,9 +212,14 @@ class Int8TiedEmbedding(nn.Module):
         return self.codes[ids].float() * self.scale[ids].float() * self.embed_scale  # (..., d)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        parts = [h.float() @ (self.codes[i:i + self.chunk].float() * self.scale[i:i + self.chunk].float()).T
-                 for i in range(0, self.codes.shape[0], self.chunk)]  # each (..., chunk)
-        return torch.cat(parts, dim=-1).to(h.dtype)  # (..., V)
+        chunks = range(0, self.codes.shape[0], self.chunk)
+        rows = lambda i: self.codes[i:i + self.chunk].float() * self.scale[i:i + self.chunk].float()  # (chunk, d)
+        if torch.is_grad_enabled() and h.requires_grad:  # autograd cannot write into a preallocated output
+            return torch.cat([h.float() @ rows(i).T for i in chunks], dim=-1).to(h.dtype)  # (..., V)
+        out = torch.empty(*h.shape[:-1], self.codes.shape[0], dtype=torch.float32, device=h.device)  # (..., V)
+        for i in chunks:
+            torch.matmul(h.float(), rows(i).T, out=out[..., i:i + self.chunk])  # no second copy of the logits
+        return out.to(h.dtype)
 
 
 class _EmbedView(nn.Module):

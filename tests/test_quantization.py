@@ -290,3 +290,19 @@ def test_activation_absmax_covers_every_linear():
     stats = activation_absmax(model, torch.randint(0, 512, (1, 10)))
     assert set(stats) == {n for n, _ in decoder_linears(model)}
     assert stats["model.layers.0.mlp.down_proj"].shape == (256,)
+
+
+def test_int8_tied_embedding_on_tiny_model():
+    from cookbook.quantization import quantize_tied_embedding_int8
+    model = tiny_model()
+    ids = torch.randint(0, 512, (1, 10))
+    ref = model(input_ids=ids).logits
+    before = model_bytes(model)
+    originals = quantize_tied_embedding_int8(model)
+    out = model(input_ids=ids).logits
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    # the int8 table is held once (embedding and head share it): 512 x 64 fp32 -> int8 + fp16 row scales
+    assert before - model_bytes(model) == 512 * 64 * 4 - (512 * 64 + 512 * 2)
+    restore_modules(model, originals)
+    assert torch.equal(model(input_ids=ids).logits, ref)
