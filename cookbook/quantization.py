@@ -58,34 +58,56 @@ def check_group_size(in_features: int, group_size: int | None) -> int:
 # ---------------------------------------------------------------- bit-packing
 
 
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned `bits`-bit codes (any shape, numel divisible by 8) into a flat uint8 tensor.
+# A b-bit code is split into bit planes of width 8, 4, 2 or 1 (e.g. 3 = 2 + 1, 6 = 4 + 2); each plane
+# is packed 8 // width codes per byte. Unpacking is then a few shifts and masks on uint8 tensors.
+_PLANES = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
 
-    Every 8 codes become `bits` bytes. For 4 bits that is two codes per byte, the first code in the
-    high nibble (the order bitsandbytes uses).
-    """
+
+def _pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """(n,) uint8 codes < 2**width -> (n * width / 8,) bytes, the first code in the highest bits."""
+    per = 8 // width
+    v = codes.view(-1, per)  # (n/per, per)
+    out = torch.zeros(v.shape[0], dtype=torch.uint8, device=codes.device)
+    for j in range(per):
+        out |= v[:, j] << (8 - width * (j + 1))
+    return out
+
+
+def _unpack_plane(packed: torch.Tensor, width: int) -> torch.Tensor:
+    per, mask = 8 // width, (1 << width) - 1
+    parts = [(packed >> (8 - width * (j + 1))) & mask for j in range(per)]  # per x (n/per,)
+    return torch.stack(parts, dim=1).reshape(-1)  # (n,)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned `bits`-bit codes (any shape, numel divisible by 8) into a flat uint8 tensor of
+    exactly numel * bits / 8 bytes. For 4 bits that is two codes per byte, the first code in the high
+    nibble (the order bitsandbytes uses); other widths are stored as bit planes (3 bits = 2 + 1)."""
     check_bits(bits)
-    flat = codes.reshape(-1).to(torch.int64)  # (n,)
+    flat = codes.reshape(-1)
     if flat.numel() % 8:
         raise ValueError(f"pack_bits needs a multiple of 8 codes, got {flat.numel()}.")
-    if flat.numel() and (flat.min() < 0 or flat.max() >= 2**bits):
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits - 1}] to be packed into {bits} bits.")
-    shifts = torch.arange(7, -1, -1, device=flat.device) * bits  # first code in the highest bits
-    words = (flat.view(-1, 8) << shifts).sum(dim=1)  # (n/8,) one 8*bits-bit word each
-    byte_shifts = torch.arange(bits - 1, -1, -1, device=flat.device) * 8
-    return ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)  # (n/8 * bits,)
+    flat = flat.to(torch.uint8)
+    planes, shift = [], bits
+    for width in _PLANES[bits]:  # high bits first
+        shift -= width
+        planes.append(_pack_plane((flat >> shift) & ((1 << width) - 1), width))
+    return torch.cat(planes)  # (n * bits / 8,)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: the first `numel` codes as a flat uint8 tensor."""
+    """Inverse of `pack_bits`: the `numel` codes as a flat uint8 tensor."""
     check_bits(bits)
-    if packed.numel() * 8 != numel * bits and packed.numel() * 8 < numel * bits:
-        raise ValueError(f"{packed.numel()} bytes cannot hold {numel} codes of {bits} bits.")
-    byte_shifts = torch.arange(bits - 1, -1, -1, device=packed.device) * 8
-    words = (packed.view(-1, bits).to(torch.int64) << byte_shifts).sum(dim=1)  # (n/8,)
-    shifts = torch.arange(7, -1, -1, device=packed.device) * bits
-    codes = (words.unsqueeze(1) >> shifts) & (2**bits - 1)  # (n/8, 8)
-    return codes.reshape(-1)[:numel].to(torch.uint8)
+    if numel % 8 or packed.numel() * 8 != numel * bits:
+        raise ValueError(f"{packed.numel()} bytes do not hold exactly {numel} codes of {bits} bits.")
+    codes, start = torch.zeros(numel, dtype=torch.uint8, device=packed.device), 0
+    for width in _PLANES[bits]:
+        size = numel * width // 8
+        codes = (codes << width) | _unpack_plane(packed[start:start + size], width)  # (n,)
+        start += size
+    return codes
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -170,6 +192,62 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None,
     codes = quantize_codes(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), bits, symmetric)
     return QuantizedWeight(codes.reshape(out, inp).to(torch.uint8), scale.half(), zero.to(torch.uint8),
                            bits, gs, symmetric)
+
+
+class Int8TiedEmbedding(nn.Module):
+    """The tied embedding / lm_head matrix (vocab, d) stored once as int8 with one fp16 scale per row.
+
+    `embed(ids)` looks rows up (times the model's embedding scale, sqrt(d) for Gemma) and `logits(h)`
+    multiplies by the dequantized matrix in vocabulary chunks, so no float copy of it is ever whole.
+    """
+
+    def __init__(self, weight: torch.Tensor, embed_scale: float = 1.0, chunk: int = 32768) -> None:
+        super().__init__()
+        codes, scale = int8_rowwise(weight.detach().float())  # (V, d) int8, (V, 1)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale.half())
+        self.embed_scale, self.chunk = float(embed_scale), chunk
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.codes[ids].float() * self.scale[ids].float() * self.embed_scale  # (..., d)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        chunks = range(0, self.codes.shape[0], self.chunk)
+        rows = lambda i: self.codes[i:i + self.chunk].float() * self.scale[i:i + self.chunk].float()  # (chunk, d)
+        if torch.is_grad_enabled() and h.requires_grad:  # autograd cannot write into a preallocated output
+            return torch.cat([h.float() @ rows(i).T for i in chunks], dim=-1).to(h.dtype)  # (..., V)
+        out = torch.empty(*h.shape[:-1], self.codes.shape[0], dtype=torch.float32, device=h.device)  # (..., V)
+        for i in chunks:
+            torch.matmul(h.float(), rows(i).T, out=out[..., i:i + self.chunk])  # no second copy of the logits
+        return out.to(h.dtype)
+
+
+class _EmbedView(nn.Module):
+    def __init__(self, table: Int8TiedEmbedding) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.embed(ids)
+
+
+class _HeadView(nn.Module):
+    def __init__(self, table: Int8TiedEmbedding) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.table.logits(h)
+
+
+def quantize_tied_embedding_int8(model: nn.Module) -> dict[str, nn.Module]:
+    """Replace the tied embedding and lm_head by views of ONE Int8TiedEmbedding; returns the originals."""
+    emb = model.model.embed_tokens
+    if model.lm_head.weight.data_ptr() != emb.weight.data_ptr():
+        raise ValueError("quantize_tied_embedding_int8 needs a model whose lm_head is tied to its embedding.")
+    scale = getattr(emb, "embed_scale", torch.tensor(1.0))
+    table = Int8TiedEmbedding(emb.weight, float(scale))
+    return swap_modules(model, {"model.embed_tokens": _EmbedView(table), "lm_head": _HeadView(table)})
 
 
 def quantize_per_tensor(w: torch.Tensor, bits: int, symmetric: bool = True) -> torch.Tensor:
@@ -394,3 +472,287 @@ def quantize_linears_nf4(model: nn.Module, block_size: int = 64, double_quant: b
     """Swap every decoder nn.Linear for an NF4Linear; returns the originals."""
     new = {n: NF4Linear.from_linear(m, block_size, double_quant) for n, m in decoder_linears(model)}
     return swap_modules(model, new)
+
+
+# ---------------------------------------------------------------- calibration: layer by layer
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """Run the model once and return the hidden states entering layer 0 (n, t, d) and the keyword
+    arguments (masks, rotary embeddings) each decoder layer receives, so layers can be re-run alone."""
+    layers = model.model.layers
+    captured: dict = {"kwargs": [None] * len(layers)}
+
+    def make_hook(i: int):
+        def hook(_module, args, kwargs):
+            if i == 0:
+                captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+            captured["kwargs"][i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model(input_ids=input_ids.to(model.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured["hidden"], captured["kwargs"]
+
+
+@torch.no_grad()
+def collect_linear_inputs(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
+                          max_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """Run one decoder layer and record the input rows (tokens, in) of each of its linears."""
+    inputs: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, module in layer.named_modules():
+        if name.split(".")[-1] in LINEAR_NAMES:
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, name=name: inputs.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1]))))
+    try:
+        layer(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {k: torch.cat(v).float() for k, v in inputs.items()}  # name -> (n * t, in)
+    if max_rows is not None:
+        out = {k: v[:: max(1, v.shape[0] // max_rows)][:max_rows] for k, v in out.items()}
+    return out
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """The layer-wise proxy Hessian of GPTQ, H = 2 X^T X / n, from inputs x (n, in): (in, in)."""
+    x = x.double()
+    return (2.0 / x.shape[0]) * (x.T @ x)
+
+
+# ---------------------------------------------------------------- GPTQ
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = None,
+                  symmetric: bool = False, block_size: int = 128, damp: float = 0.01) -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022) for one weight (out, in) given the Hessian h (in, in).
+
+    Columns are quantized left to right; each column's rounding error is spread over the columns not
+    yet quantized through the inverse Hessian (its upper Cholesky factor). Updates inside a block of
+    `block_size` columns are immediate; the rest of the matrix is updated once per block ("lazy batch").
+    Group scales are computed from the already-updated weights when a group starts.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny per-column ops: one thread avoids synchronisation cost
+    try:
+        return _gptq(w, h, bits, group_size, symmetric, block_size, damp)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+          block_size: int, damp: float) -> QuantizedWeight:
+    check_bits(bits)
+    out, inp = w.shape
+    gs = check_group_size(inp, group_size)
+    if block_size % gs and gs % block_size:
+        raise ValueError(f"block_size={block_size} and group_size={gs} must divide one another.")
+    w = w.detach().float().clone()  # (out, in)
+    h = h.detach().double().clone()  # (in, in) float64 for the Cholesky factorisations
+    dead = torch.diag(h) == 0  # inputs that were always zero: their weights do not matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(inp, dtype=h.dtype)  # dampening keeps H invertible
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()  # (in, in)
+    codes = torch.zeros(out, inp, dtype=torch.uint8)
+    scales, zeros = torch.zeros(out, inp // gs), torch.zeros(out, inp // gs)
+    scale = zero = None
+    for b1 in range(0, inp, block_size):
+        b2 = min(b1 + block_size, inp)
+        w_blk = w[:, b1:b2].clone()  # (out, B) working copy, updated column by column
+        err_blk = torch.zeros_like(w_blk)  # (out, B) scaled errors, for the lazy update
+        hinv_blk = h_inv[b1:b2, b1:b2]  # (B, B)
+        for i in range(b2 - b1):
+            col = b1 + i
+            if col % gs == 0:  # a new group starts: its scale comes from the weights as updated so far
+                grp = torch.cat([w_blk[:, i:], w[:, b2:]], dim=1)[:, :gs]  # (out, gs)
+                scale, zero = quant_params(grp, bits, symmetric)  # (out,)
+                scales[:, col // gs], zeros[:, col // gs] = scale, zero
+            q = quantize_codes(w_blk[:, i], scale, zero, bits, symmetric)  # (out,)
+            codes[:, col] = q.to(torch.uint8)
+            deq = (q - zero) * scale  # (out,)
+            err = (w_blk[:, i] - deq) / hinv_blk[i, i]  # (out,)
+            w_blk[:, i:] -= err.unsqueeze(1) * hinv_blk[i, i:].unsqueeze(0)  # (out, B - i) compensate
+            err_blk[:, i] = err
+        w[:, b2:] -= err_blk @ h_inv[b1:b2, b2:]  # (out, in - b2) the lazy batch update
+    return QuantizedWeight(codes, scales.half(), zeros.to(torch.uint8), bits, gs, symmetric)
+
+
+# ---------------------------------------------------------------- AWQ
+
+
+def awq_search_scale(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int | None = None,
+                     symmetric: bool = False, grid: int = 10) -> tuple[torch.Tensor, float, float]:
+    """AWQ (Lin et al. 2023) scale search for one linear: s = mean|x|^alpha per input channel, alpha on a
+    grid in [0, 1); pick the alpha whose quantized Q(W * s) / s gives the smallest output error on x.
+
+    w: (out, in), x: (n, in) calibration inputs. Returns (s (in,), best alpha, best mse).
+    """
+    w, x = w.detach().float(), x.float()
+    act = x.abs().mean(dim=0).clamp(min=1e-6)  # (in,) how large each input channel is on average
+    ref = x @ w.T  # (n, out)
+    best = (torch.ones_like(act), 0.0, float("inf"))
+    for alpha in [i / grid for i in range(grid)]:
+        s = act.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
+        w_q = fake_quantize(w * s, bits, group_size, symmetric) / s  # (out, in)
+        mse = (x @ w_q.T - ref).pow(2).mean().item()
+        if mse < best[2]:
+            best = (s, alpha, mse)
+    return best
+
+
+# ---------------------------------------------------------------- the layer-wise driver
+
+
+@torch.no_grad()
+def quantize_model_layerwise(model: nn.Module, calib_ids: torch.Tensor, method: str, bits: int,
+                             group_size: int | None = 128, symmetric: bool = False,
+                             layers: Iterable[int] | None = None, awq_rows: int = 1024,
+                             log: Callable[[str], None] | None = None) -> dict[str, nn.Module]:
+    """Quantize the decoder linears with 'gptq' or 'awq', one layer at a time, in place.
+
+    Each layer sees the calibration activations produced by the layers before it, already quantized
+    (as in the GPTQ paper). Returns the original modules, for `restore_modules`.
+    """
+    if method not in ("gptq", "awq"):
+        raise ValueError(f"method must be 'gptq' or 'awq', got {method!r}.")
+    check_bits(bits)
+    decoder = model.model.layers
+    chosen = set(range(len(decoder)) if layers is None else layers)
+    if not chosen <= set(range(len(decoder))):
+        raise ValueError(f"layers must be indices in [0, {len(decoder) - 1}], got {sorted(chosen)}.")
+    hidden, kwargs = capture_layer_inputs(model, calib_ids)  # (n, t, d)
+    originals: dict[str, nn.Module] = {}
+    for i, layer in enumerate(decoder):
+        if i in chosen:
+            xs = collect_linear_inputs(layer, hidden, kwargs[i], max_rows=awq_rows if method == "awq" else None)
+            new = {}
+            for name, x in xs.items():
+                linear = layer.get_submodule(name)
+                if method == "gptq":
+                    qw = gptq_quantize(linear.weight, hessian(x), bits, group_size, symmetric)
+                    new[name] = QuantLinear(qw, linear.bias)
+                else:
+                    s, _, _ = awq_search_scale(linear.weight, x, bits, group_size, symmetric)
+                    qw = quantize_weight(linear.weight.float() * s, bits, group_size, symmetric)
+                    new[name] = QuantLinear(qw, linear.bias, input_scale=s)
+            prefix = f"model.layers.{i}."
+            originals.update({prefix + k: v for k, v in swap_modules(layer, new).items()})
+            if log:
+                log(f"layer {i}: {len(new)} linears quantized with {method}")
+        hidden = layer(hidden, **kwargs[i])  # (n, t, d) inputs of the next layer
+    return originals
+
+
+# ---------------------------------------------------------------- outliers: LLM.int8 and SmoothQuant
+
+
+def int8_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one absmax scale per row: x (rows, n) -> (codes int8, scale (rows, 1))."""
+    absmax = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8)  # (rows, 1)
+    codes = torch.round(x * (127.0 / absmax)).clamp(-127, 127).to(torch.int8)  # the bitsandbytes formula
+    return codes, absmax / 127
+
+
+def outlier_columns(x: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
+    """Indices of input features (columns of x (n, in)) whose magnitude reaches `threshold` anywhere."""
+    return torch.nonzero(x.abs().amax(dim=0) >= threshold).flatten()
+
+
+class Int8MixedLinear(nn.Module):
+    """LLM.int8 (Dettmers et al. 2022): int8 weights (one scale per output row); at run time the input
+    columns holding outliers (|x| > threshold) are multiplied in floating point, all the others as
+    int8 x int8 with per-token and per-row scales. With threshold=inf it is plain W8A8 (vector-wise)."""
+
+    def __init__(self, linear: nn.Linear, threshold: float = 6.0) -> None:
+        super().__init__()
+        self.threshold = threshold
+        codes, scale = int8_rowwise(linear.weight.detach().float())  # (out, in), (out, 1)
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("weight_scale", scale.half())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.last_outlier_count = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()  # (tokens, in)
+        w = self.weight_codes.float()  # (out, in) integer values
+        w_scale = self.weight_scale.float()  # (out, 1)
+        cols = outlier_columns(x2, self.threshold)
+        self.last_outlier_count = cols.numel()
+        regular = x2.clone()
+        regular[:, cols] = 0.0
+        xq, x_scale = int8_rowwise(regular)  # (tokens, in) int8, (tokens, 1)
+        # int8 x int8 -> int32 in the library; here in float32, exact while sums stay below 2**24
+        y = (xq.float() @ w.T) * x_scale * w_scale.T  # (tokens, out)
+        if cols.numel():
+            y = y + x2[:, cols] @ (w[:, cols] * w_scale).T  # the outlier part in floating point
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+def smoothing_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factor s = max|X_j|^alpha / max|W_j|^(1-alpha): (in,).
+    Dividing X by s and multiplying W by s leaves X W^T unchanged but moves difficulty to the weights."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
+    w_max = weight.detach().float().abs().amax(dim=0).clamp(min=1e-5)  # (in,)
+    return (act_absmax.float().clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+
+
+class W8A8Linear(nn.Module):
+    """int8 weights (per output row) and int8 activations with ONE static scale per tensor, calibrated
+    from `act_absmax` (the SmoothQuant 'O3' setting, the fastest and the hardest). With `smooth` the
+    input is divided by the smoothing factor, which is folded into the weight before quantizing."""
+
+    def __init__(self, linear: nn.Linear, act_absmax: torch.Tensor, smooth: torch.Tensor | None = None) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()  # (out, in)
+        if smooth is not None:
+            w = w * smooth  # (out, in) W * s
+            act_absmax = act_absmax / smooth
+        codes, scale = int8_rowwise(w)
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("weight_scale", scale.half())
+        self.register_buffer("act_scale", (act_absmax.max().clamp(min=1e-8) / 127).reshape(1))
+        self.register_buffer("smooth", None if smooth is None else smooth.float())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.float()
+        if self.smooth is not None:
+            x2 = x2 / self.smooth  # in a deployed model this division is folded into the previous norm
+        xq = torch.round(x2 / self.act_scale).clamp(-127, 127)  # (..., in) int8 values
+        y = (xq @ self.weight_codes.float().T) * self.act_scale * self.weight_scale.float().T  # (..., out)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+
+@torch.no_grad()
+def activation_absmax(model: nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| seen by every decoder linear on `input_ids`: name -> (in,)."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_m, args, _o):
+            a = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(dim=0).float()  # (in,)
+            stats[name] = torch.maximum(stats[name], a) if name in stats else a
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in decoder_linears(model)]
+    try:
+        model(input_ids=input_ids.to(model.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
