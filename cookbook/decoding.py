@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -592,7 +591,7 @@ def speculative_generate(target, draft, prompt_ids: torch.Tensor, max_new_tokens
         t_logits = forward(target, block, t_cache)[0]  # (k + 1, V): one verification pass
         passes += 1
         kept = _verify(t_logits, drafted, q_rows, temperature, generator)
-        n_ok = _accepted_prefix(drafted, kept)
+        n_ok = len(kept) - 1  # every kept token but the last is an accepted draft
         proposed, accepted = proposed + k, accepted + n_ok
         seq += kept
         new += kept
@@ -628,11 +627,6 @@ def _verify(t_logits: torch.Tensor, drafted: list[int], q_rows: list[torch.Tenso
     return rejection_sample(p, torch.stack(q_rows), torch.tensor(drafted), generator)
 
 
-def _accepted_prefix(drafted: list[int], kept: list[int]) -> int:
-    """How many of the kept tokens are accepted drafts (all but the last kept token)."""
-    return len(kept) - 1
-
-
 def expected_speedup(acceptance: float, k: int, cost_ratio: float) -> float:
     """Leviathan et al.'s expected speedup: tokens per round (1 - a^(k+1)) / (1 - a) over cost (k c + 1).
 
@@ -643,10 +637,3 @@ def expected_speedup(acceptance: float, k: int, cost_ratio: float) -> float:
         raise ValueError("Need 0 <= acceptance <= 1, k >= 1 and cost_ratio >= 0.")
     tokens = k + 1 if acceptance == 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
     return tokens / (k * cost_ratio + 1)
-
-
-def timed(fn: Callable[[], object]) -> float:
-    """Seconds one call of fn takes."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
