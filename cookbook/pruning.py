@@ -1,0 +1,669 @@
+"""Pruning from scratch: magnitude, Wanda, SparseGPT, N:M masks, and structured removal.
+
+Unstructured and N:M pruning zero weights of the decoder's linear layers (q/k/v/o projections and
+the gate/up/down MLP) and keep the tensors' shapes: the model gets no smaller or faster on its own,
+it only becomes *compressible* (sparse formats, 2:4 tensor cores). Structured pruning removes whole
+MLP channels, attention heads or decoder layers and rebuilds smaller `nn.Linear` modules, so the
+parameter count, bytes and latency really drop.
+
+The tied embedding / LM head is never pruned: it is a lookup table shared by input and output, and
+each of its rows is one token, so zeroing entries corrupts individual tokens instead of spreading
+the error over a layer's computation (and it is 63% of Gemma 3 270M's parameters, see
+`bytes_breakdown`).
+
+Scores (lower = pruned first):
+- magnitude  |W_ij|                            (no data)
+- Wanda      |W_ij| * ||X_j||_2                 (calibration activations, Sun et al. 2023)
+- SparseGPT  W_ij^2 / [H^-1]_jj^2, then the kept weights are updated to cancel the error
+             (OBS with H = X^T X, Frantar & Alistarh 2023)
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import require_cuda
+from .measure import model_bytes, tensor_bytes
+
+LINEAR_NAMES: tuple[str, ...] = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
+
+
+# ---------------------------------------------------------------- the layers we prune
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a Hugging Face causal LM (`model.model.layers`)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            "Expected a Hugging Face decoder LM with `model.model.layers` (e.g. Gemma, Llama); "
+            f"got {type(model).__name__}."
+        )
+    return layers
+
+
+def decoder_linears(model: nn.Module, layers: Iterable[int] | None = None) -> dict[str, nn.Linear]:
+    """The linear layers pruning acts on, keyed 'layers.{i}.{name}' (no embedding, no LM head)."""
+    blocks = decoder_layers(model)
+    chosen = range(len(blocks)) if layers is None else list(layers)
+    out = {}
+    for i in chosen:
+        if not 0 <= i < len(blocks):
+            raise ValueError(f"Layer index {i} out of range: the model has {len(blocks)} decoder layers.")
+        for name in LINEAR_NAMES:
+            out[f"layers.{i}.{name}"] = blocks[i].get_submodule(name)
+    return out
+
+
+def sparsity_of(model: nn.Module, layers: Iterable[int] | None = None) -> float:
+    """Fraction of exactly-zero weights over the decoder linears."""
+    weights = [lin.weight for lin in decoder_linears(model, layers).values()]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return zeros / sum(w.numel() for w in weights)
+
+
+def bytes_breakdown(model: nn.Module) -> dict[str, int]:
+    """Bytes held by the (tied) embedding, the prunable decoder linears, and everything else."""
+    embed = tensor_bytes(model.get_input_embeddings().weight)
+    linears = sum(tensor_bytes(lin.weight) + (tensor_bytes(lin.bias) if lin.bias is not None else 0)
+                  for lin in decoder_linears(model).values())
+    total = model_bytes(model)
+    return {"embedding": embed, "decoder_linears": linears, "other": total - embed - linears, "total": total}
+
+
+# ---------------------------------------------------------------- masks
+
+
+def check_sparsity(sparsity: float) -> float:
+    """Reject ratios that cannot be pruned to: sparsity must lie in [0, 1)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or math.isnan(sparsity):
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}.")
+    if not 0 <= sparsity < 1:
+        raise ValueError(
+            f"sparsity={sparsity} is impossible: it is the fraction of weights removed and must lie in "
+            "[0, 1) (0.5 removes half; 1.0 would remove every weight)."
+        )
+    return float(sparsity)
+
+
+def check_nm(n: int, m: int, in_features: int | None = None) -> None:
+    """Reject N:M patterns that cannot be built: 0 < n <= m, and m must divide the input width."""
+    if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
+        raise ValueError(f"N:M needs integers 0 < N <= M (keep N of every M weights), got {n}:{m}.")
+    if in_features is not None and in_features % m:
+        raise ValueError(f"N:M with M={m} needs the input width to be a multiple of M; got {in_features}.")
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
+    """Keep-mask (True = kept) removing exactly round(sparsity * group) lowest scores per group.
+
+    The group is the whole tensor, or each output row when `per_row` (Wanda's comparison group).
+    Ties are broken by position, so the count is exact even for constant scores.
+    """
+    check_sparsity(sparsity)
+    if scores.dim() != 2:
+        raise ValueError(f"Expected a 2-D weight score matrix (out, in), got shape {tuple(scores.shape)}.")
+    flat = scores if per_row else scores.reshape(1, -1)  # (groups, group_size)
+    k = round(sparsity * flat.shape[1])
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if k:
+        pruned = torch.topk(flat, k, dim=1, largest=False, sorted=False).indices  # (groups, k)
+        keep.scatter_(1, pruned, False)
+    return keep.reshape(scores.shape)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask keeping the N highest scores in every M consecutive inputs of each row (2:4, 4:8)."""
+    if scores.dim() != 2:
+        raise ValueError(f"Expected a 2-D weight score matrix (out, in), got shape {tuple(scores.shape)}.")
+    check_nm(n, m, scores.shape[1])
+    groups = scores.reshape(scores.shape[0], -1, m)  # (out, in/m, m)
+    kept = torch.topk(groups, n, dim=-1).indices  # (out, in/m, n)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, kept, True)
+    return keep.reshape(scores.shape)  # (out, in)
+
+
+def follows_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True when every M consecutive inputs of every row hold at most N non-zeros."""
+    check_nm(n, m, weight.shape[-1])
+    nonzero = (weight.reshape(weight.shape[0], -1, m) != 0).sum(-1)  # (out, in/m)
+    return bool((nonzero <= n).all())
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    """|W|: (out, in)."""
+    return weight.abs()
+
+
+def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2: (out, in) * (in,) -> (out, in)."""
+    if input_norm.shape != (weight.shape[1],):
+        raise ValueError(f"input_norm must have shape ({weight.shape[1]},), got {tuple(input_norm.shape)}.")
+    return weight.abs() * input_norm.to(weight.dtype).unsqueeze(0)
+
+
+def choose_mask(scores: torch.Tensor, sparsity: float | None, nm: tuple[int, int] | None,
+                per_row: bool) -> torch.Tensor:
+    """An unstructured mask for `sparsity`, or an N:M mask for `nm` (exactly one of them)."""
+    if (sparsity is None) == (nm is None):
+        raise ValueError("Give exactly one of sparsity=... (unstructured) or nm=(N, M) (semi-structured).")
+    return nm_mask(scores, *nm) if nm is not None else unstructured_mask(scores, sparsity, per_row)
+
+
+# ---------------------------------------------------------------- calibration: layer inputs, statistics
+
+
+@dataclass
+class LayerInputs:
+    """What decoder layer 0 receives for a calibration batch, and the keyword arguments of every layer."""
+
+    hidden: torch.Tensor  # (n, t, d)
+    kwargs: list[dict] = field(default_factory=list)  # per layer: masks, position embeddings, position ids
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> LayerInputs:
+    """Run the model up to its first decoder layer and record every layer's call arguments.
+
+    Layers get different masks and rotary tables (sliding vs full attention); those depend only on
+    positions, so one pass that stops before layer 0 computes nothing heavy.
+    """
+    layers = decoder_layers(model)
+    captured = LayerInputs(hidden=torch.empty(0))
+    handles = []
+
+    def grab(i: int) -> Callable:
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")}
+            kw["use_cache"] = False
+            captured.kwargs.append(kw)
+            if i == 0:
+                captured.hidden = hidden.detach().clone()
+            if i == len(layers) - 1:
+                raise _Stop
+            return None
+        return hook
+
+    # Only layer 0 must run for real: replace the other layers' work by an identity while capturing.
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(grab(i), with_kwargs=True))
+    try:
+        for layer in layers:
+            layer.forward = lambda hidden_states=None, *a, **k: hidden_states  # type: ignore[method-assign]
+        model.model(input_ids=input_ids.to(model.device), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class method
+        for h in handles:
+            h.remove()
+    if len(captured.kwargs) != len(layers):
+        raise RuntimeError("Could not capture the inputs of every decoder layer.")
+    return captured
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, chunk: int = 8) -> torch.Tensor:
+    """One decoder layer on (n, t, d) hidden states, `chunk` sequences at a time: -> (n, t, d)."""
+    outs = []
+    for s in range(0, hidden.shape[0], chunk):
+        kw = {k: (_slice_batch(v, s, chunk, hidden.shape[0])) for k, v in kwargs.items()}
+        out = layer(hidden[s : s + chunk], **kw)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outs)
+
+
+def _slice_batch(value, start: int, chunk: int, batch: int):
+    """Cut the batch dimension of a tensor kwarg (masks) to match a chunk; leave the rest alone."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch and batch > 1:
+        return value[start : start + chunk]
+    if isinstance(value, tuple):
+        return tuple(_slice_batch(v, start, chunk, batch) for v in value)
+    return value
+
+
+class InputStatistics:
+    """Forward hooks that accumulate, per linear, the squared input norm per column (Wanda) and,
+    if asked, the Gram matrix X^T X (SparseGPT's Hessian, up to a factor 2)."""
+
+    def __init__(self, linears: dict[str, nn.Linear], hessian: bool = False):
+        self.sq_norm = {name: torch.zeros(lin.in_features, dtype=torch.float64) for name, lin in linears.items()}
+        self.gram = ({name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32)
+                      for name, lin in linears.items()} if hessian else {})
+        self.tokens = {name: 0 for name in linears}
+        self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+            self.sq_norm[name] += (x.double() ** 2).sum(0).cpu()  # (in,)
+            if self.gram:
+                self.gram[name] += (x.T @ x).cpu()  # (in, in)
+            self.tokens[name] += x.shape[0]
+        return hook
+
+    def input_norm(self, name: str) -> torch.Tensor:
+        """||X_j||_2 over all calibration tokens: (in,)."""
+        return self.sq_norm[name].sqrt().float()
+
+    def hessian(self, name: str) -> torch.Tensor:
+        """H = 2 X^T X / tokens: (in, in)."""
+        return 2 * self.gram[name] / max(self.tokens[name], 1)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect_input_norms(model: nn.Module, input_ids: torch.Tensor, chunk: int = 8) -> dict[str, torch.Tensor]:
+    """||X_j||_2 for the input of every decoder linear, from one dense pass (embedding + layers only)."""
+    stats = InputStatistics(decoder_linears(model))
+    try:
+        for s in range(0, input_ids.shape[0], chunk):
+            model.model(input_ids=input_ids[s : s + chunk].to(model.device), use_cache=False)
+    finally:
+        stats.remove()
+    return {name: stats.input_norm(name) for name in stats.sq_norm}
+
+
+# ---------------------------------------------------------------- unstructured / N:M pruning
+
+
+@torch.no_grad()
+def apply_mask(linear: nn.Linear, keep: torch.Tensor) -> None:
+    """Zero the weights where `keep` is False, in place."""
+    linear.weight.mul_(keep.to(linear.weight.dtype))
+
+
+@torch.no_grad()
+def prune_magnitude(model: nn.Module, sparsity: float | None = None, nm: tuple[int, int] | None = None,
+                    per_row: bool = False, layers: Iterable[int] | None = None) -> None:
+    """Zero the smallest |W| of every decoder linear (per tensor, or per row with `per_row`)."""
+    for lin in decoder_linears(model, layers).values():
+        apply_mask(lin, choose_mask(magnitude_scores(lin.weight), sparsity, nm, per_row))
+
+
+@torch.no_grad()
+def prune_wanda(model: nn.Module, input_norms: dict[str, torch.Tensor], sparsity: float | None = None,
+                nm: tuple[int, int] | None = None, layers: Iterable[int] | None = None) -> None:
+    """Zero the lowest |W_ij| * ||X_j|| per output row (Wanda), with norms from `collect_input_norms`."""
+    for name, lin in decoder_linears(model, layers).items():
+        if name not in input_norms:
+            raise ValueError(f"No calibration norm for {name}; run collect_input_norms on this model first.")
+        apply_mask(lin, choose_mask(wanda_scores(lin.weight, input_norms[name]), sparsity, nm, per_row=True))
+
+
+@torch.no_grad()
+def sparsegpt_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | None = None,
+                     nm: tuple[int, int] | None = None, blocksize: int = 128,
+                     percdamp: float = 0.01) -> torch.Tensor:
+    """SparseGPT on one weight matrix: prune column by column and update the later columns (OBS).
+
+    weight (out, in), hessian (in, in) = 2 X^T X / n. Within each block of `blocksize` columns the mask
+    keeps the highest w^2 / [H^-1]_jj^2 (adaptive mask selection); each pruned column's error is spread
+    over the not-yet-processed columns through the Cholesky factor of H^-1. Returns the new weight.
+    """
+    if (sparsity is None) == (nm is None):
+        raise ValueError("Give exactly one of sparsity=... or nm=(N, M).")
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"hessian must have shape ({cols}, {cols}), got {tuple(hessian.shape)}.")
+    if sparsity is not None:
+        check_sparsity(sparsity)
+    else:
+        check_nm(*nm, cols)
+        if blocksize % nm[1]:
+            raise ValueError(f"blocksize={blocksize} must be a multiple of M={nm[1]}.")
+    W = weight.detach().float().clone()  # (out, in)
+    H = hessian.detach().float().clone()  # (in, in)
+    dead = torch.diag(H) == 0  # inputs never active: their weights cannot matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype, device=H.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # (in, in)
+    with single_thread():  # thousands of tiny column ops: thread hand-offs would cost more than the math
+        _sparsegpt_columns(W, Hinv, sparsity, nm, blocksize)
+    return W.to(weight.dtype)
+
+
+@contextmanager
+def single_thread():
+    """Run torch ops on one CPU thread inside the block (restores the previous setting)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sparsegpt_columns(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float | None,
+                       nm: tuple[int, int] | None, blocksize: int) -> None:
+    """SparseGPT's column loop, in place on W (out, in), with Hinv the upper Cholesky factor of H^-1."""
+    cols = W.shape[1]
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()  # (out, b)
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]  # (b, b)
+        d = torch.diag(Hinv1)  # (b,)
+        if sparsity is not None:
+            prune = ~unstructured_mask(W1**2 / d.unsqueeze(0) ** 2, sparsity)  # (out, b): True = pruned
+        else:
+            prune = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                score = W1[:, i : i + nm[1]] ** 2 / d[i : i + nm[1]].unsqueeze(0) ** 2  # (out, m)
+                low = torch.topk(score, nm[1] - nm[0], dim=1, largest=False).indices  # (out, m - n)
+                prune[:, i : i + nm[1]].scatter_(1, low, True)
+            w = W1[:, i]  # (out,)
+            q = torch.where(prune[:, i], torch.zeros_like(w), w)
+            Q1[:, i] = q
+            err = (w - q) / Hinv1[i, i]  # (out,)
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # (out, b - i)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the remaining columns
+
+
+@torch.no_grad()
+def prune_sequential(model: nn.Module, input_ids: torch.Tensor, method: str, sparsity: float | None = None,
+                     nm: tuple[int, int] | None = None, layers: Iterable[int] | None = None) -> None:
+    """Prune layer by layer on calibration data, feeding each layer the *pruned* previous layers' output.
+
+    method 'wanda' or 'sparsegpt'. For each chosen layer: run it with hooks to gather input
+    statistics, prune its 7 linears, run it again to get the input of the next layer. Layers not in
+    `layers` are run but left dense (SparseGPT on a subset of layers).
+    """
+    if method not in ("wanda", "sparsegpt"):
+        raise ValueError(f"method must be 'wanda' or 'sparsegpt' for sequential pruning, got {method!r}.")
+    if (sparsity is None) == (nm is None):
+        raise ValueError("Give exactly one of sparsity=... or nm=(N, M).")
+    blocks = decoder_layers(model)
+    chosen = set(range(len(blocks)) if layers is None else layers)
+    inputs = capture_layer_inputs(model, input_ids)
+    hidden = inputs.hidden  # (n, t, d)
+    for i, block in enumerate(blocks):
+        if i in chosen:
+            linears = {name: block.get_submodule(name) for name in LINEAR_NAMES}
+            stats = InputStatistics(linears, hessian=method == "sparsegpt")
+            try:
+                run_layer(block, hidden, inputs.kwargs[i])
+            finally:
+                stats.remove()
+            for name, lin in linears.items():
+                if method == "wanda":
+                    apply_mask(lin, choose_mask(wanda_scores(lin.weight, stats.input_norm(name)), sparsity, nm, True))
+                else:
+                    lin.weight.copy_(sparsegpt_weight(lin.weight, stats.hessian(name), sparsity, nm))
+        if i < max(chosen, default=-1):
+            hidden = run_layer(block, hidden, inputs.kwargs[i])  # (n, t, d) through the pruned layer
+        else:
+            break
+
+
+@torch.no_grad()
+def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative output error ||(W - W') X||^2 / ||W X||^2 computed through H = 2 X^T X / n."""
+    diff = (weight - pruned).float()  # (out, in)
+    num = torch.einsum("oi,ij,oj->", diff, hessian, diff)
+    den = torch.einsum("oi,ij,oj->", weight.float(), hessian, weight.float())
+    return float(num / den)
+
+
+# ---------------------------------------------------------------- keeping the dense weights
+
+
+class WeightSnapshot:
+    """The decoder linears' dense weights saved to a temporary safetensors file, to restore between runs.
+
+    Kept on disk rather than in RAM: the 400 MB copy would push a perplexity run past the memory
+    budget. `restore` reads one tensor at a time.
+    """
+
+    def __init__(self, model: nn.Module):
+        from safetensors.torch import save_file
+
+        self._dir = tempfile.TemporaryDirectory(prefix="cookbook-prune-")
+        self.path = Path(self._dir.name) / "dense.safetensors"
+        linears = decoder_linears(model)
+        save_file({name: lin.weight.detach().cpu().contiguous() for name, lin in linears.items()}, str(self.path))
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module) -> None:
+        from safetensors import safe_open
+
+        linears = decoder_linears(model)
+        with safe_open(str(self.path), framework="pt") as f:
+            names = set(f.keys())
+            if names != set(linears):
+                raise ValueError("This snapshot was taken from a model with different layers; cannot restore.")
+            for name in names:
+                w = f.get_tensor(name)
+                if w.shape != linears[name].weight.shape:
+                    raise ValueError(f"{name}: snapshot shape {tuple(w.shape)} differs from the model's "
+                                     f"{tuple(linears[name].weight.shape)} (structured pruning?); reload the model.")
+                linears[name].weight.copy_(w)
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+# ---------------------------------------------------------------- semi-structured 2:4 on a GPU
+
+
+def semi_structured_linear_speed(out_features: int = 2048, in_features: int = 640, tokens: int = 4096,
+                                 repeats: int = 20) -> dict[str, float]:
+    """Time y = x W^T with W dense vs W in torch's 2:4 sparse format (fp16 on a CUDA GPU).
+
+    Raises GPURequiredError on CPU: `torch.sparse.to_sparse_semi_structured` uses sparse tensor cores.
+    """
+    device = require_cuda("2:4 semi-structured sparse matmul (torch.sparse.to_sparse_semi_structured)")
+    from torch.sparse import to_sparse_semi_structured
+
+    from .measure import time_function
+
+    w = torch.randn(out_features, in_features, dtype=torch.float16, device=device)  # (out, in)
+    w = w * nm_mask(w.abs(), 2, 4).to(w.dtype)  # 2:4 pattern
+    x = torch.randn(tokens, in_features, dtype=torch.float16, device=device)  # (tokens, in)
+    w_sparse = to_sparse_semi_structured(w)
+    max_diff = float((F.linear(x, w) - F.linear(x, w_sparse)).abs().max())
+    dense = time_function(lambda: F.linear(x, w), warmup=3, repeats=repeats, device=device).median_s
+    sparse = time_function(lambda: F.linear(x, w_sparse), warmup=3, repeats=repeats, device=device).median_s
+    return {"dense_ms": dense * 1e3, "sparse_ms": sparse * 1e3, "speedup": dense / sparse, "max_abs_diff": max_diff}
+
+
+# ---------------------------------------------------------------- structured pruning
+
+
+@torch.no_grad()
+def shrink_linear(linear: nn.Linear, keep_out: torch.Tensor | None = None,
+                  keep_in: torch.Tensor | None = None) -> nn.Linear:
+    """A new, smaller nn.Linear holding only the kept output rows and/or input columns."""
+    w = linear.weight  # (out, in)
+    if keep_out is not None:
+        w = w[keep_out]  # (out', in)
+    if keep_in is not None:
+        w = w[:, keep_in]  # (out', in')
+    new = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.copy_(w)
+    if linear.bias is not None:
+        new.bias.copy_(linear.bias if keep_out is None else linear.bias[keep_out])
+    return new
+
+
+def _keep_indices(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Indices of the `n_keep` highest scores, in their original order."""
+    return torch.topk(scores, n_keep).indices.sort().values
+
+
+def mlp_channel_scores(down_input_norm: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """Importance of each MLP hidden channel j: ||a_j|| * ||W_down[:, j]||  ((inter,), (d, inter) -> (inter,))."""
+    return down_input_norm.float() * down_weight.float().norm(dim=0)
+
+
+def head_scores(o_input_norm: torch.Tensor, o_weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Importance of each query head: the norm of its contribution through o_proj, (heads,)."""
+    per_dim = o_input_norm.float() * o_weight.float().norm(dim=0)  # (heads * head_dim,)
+    return per_dim.reshape(-1, head_dim).norm(dim=1)  # (heads,)
+
+
+@torch.no_grad()
+def prune_mlp_channels(model: nn.Module, input_norms: dict[str, torch.Tensor], fraction: float) -> int:
+    """Remove the same `fraction` of MLP hidden channels in every layer, lowest importance first.
+
+    Rebuilds gate/up (fewer rows) and down (fewer columns). Returns the new intermediate size.
+    """
+    check_sparsity(fraction)
+    new_size = None
+    for i, block in enumerate(decoder_layers(model)):
+        mlp = block.mlp
+        inter = mlp.down_proj.in_features
+        n_keep = inter - round(fraction * inter)
+        scores = mlp_channel_scores(_norm_for(input_norms, f"layers.{i}.mlp.down_proj", inter), mlp.down_proj.weight)
+        keep = _keep_indices(scores, n_keep)  # (n_keep,)
+        mlp.gate_proj = shrink_linear(mlp.gate_proj, keep_out=keep)
+        mlp.up_proj = shrink_linear(mlp.up_proj, keep_out=keep)
+        mlp.down_proj = shrink_linear(mlp.down_proj, keep_in=keep)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = n_keep
+        new_size = n_keep
+    model.config.intermediate_size = new_size
+    return new_size
+
+
+@torch.no_grad()
+def prune_heads(model: nn.Module, input_norms: dict[str, torch.Tensor], n_remove: int) -> int:
+    """Remove the `n_remove` least important query heads of every layer (key/value heads are kept).
+
+    Gemma 3 270M has 4 query heads sharing 1 KV head, so this is coarse: one head is 25% of the
+    attention's q/o weights. Returns the number of query heads left per layer.
+    """
+    blocks = decoder_layers(model)
+    attn0 = blocks[0].self_attn
+    n_heads = attn0.q_proj.out_features // attn0.head_dim
+    n_kv = attn0.k_proj.out_features // attn0.head_dim
+    if not isinstance(n_remove, int) or not 0 <= n_remove < n_heads:
+        raise ValueError(f"n_remove must be an integer in [0, {n_heads}) (the model has {n_heads} query heads).")
+    n_keep = n_heads - n_remove
+    if n_keep % n_kv:
+        raise ValueError(f"{n_keep} query heads cannot be shared evenly by {n_kv} key/value heads.")
+    for i, block in enumerate(blocks):
+        attn = block.self_attn
+        hd = attn.head_dim
+        norm = _norm_for(input_norms, f"layers.{i}.self_attn.o_proj", attn.o_proj.in_features)
+        heads = _keep_indices(head_scores(norm, attn.o_proj.weight, hd), n_keep)  # (n_keep,)
+        dims = (heads.unsqueeze(1) * hd + torch.arange(hd)).flatten()  # (n_keep * hd,)
+        attn.q_proj = shrink_linear(attn.q_proj, keep_out=dims)
+        attn.o_proj = shrink_linear(attn.o_proj, keep_in=dims)
+        attn.num_key_value_groups = n_keep // n_kv  # GQA repeat factor used by eager and SDPA attention
+    model.config.num_attention_heads = n_keep
+    return n_keep
+
+
+def _norm_for(input_norms: dict[str, torch.Tensor], name: str, width: int) -> torch.Tensor:
+    if name not in input_norms or input_norms[name].shape != (width,):
+        raise ValueError(f"No calibration norm of width {width} for {name}: run collect_input_norms on this "
+                         "model (after any earlier structured pruning) first.")
+    return input_norms[name]
+
+
+@torch.no_grad()
+def layer_scores(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Block influence of each decoder layer: 1 - cos(input, output), averaged over tokens: (layers,).
+
+    A layer whose output is nearly its input changes little and is the cheapest to drop (ShortGPT).
+    """
+    inputs = capture_layer_inputs(model, input_ids)
+    hidden = inputs.hidden  # (n, t, d)
+    scores = []
+    for block, kw in zip(decoder_layers(model), inputs.kwargs):
+        out = run_layer(block, hidden, kw)  # (n, t, d)
+        scores.append(1 - F.cosine_similarity(hidden.float(), out.float(), dim=-1).mean())
+        hidden = out
+    return torch.stack(scores).cpu()
+
+
+@torch.no_grad()
+def drop_layers(model: nn.Module, drop: Sequence[int]) -> list[int]:
+    """Remove whole decoder layers and renumber the rest (config, KV-cache indices). Returns the kept ones."""
+    blocks = decoder_layers(model)
+    drop = sorted(set(int(i) for i in drop))
+    if any(not 0 <= i < len(blocks) for i in drop):
+        raise ValueError(f"Layer indices must lie in [0, {len(blocks)}), got {drop}.")
+    if len(drop) >= len(blocks):
+        raise ValueError("Cannot drop every decoder layer; keep at least one.")
+    kept = [i for i in range(len(blocks)) if i not in drop]
+    config = model.config
+    layer_types = getattr(config, "layer_types", None)
+    model.model.layers = nn.ModuleList([blocks[i] for i in kept])
+    for new_idx, block in enumerate(model.model.layers):
+        block.layer_idx = new_idx
+        block.self_attn.layer_idx = new_idx
+    config.num_hidden_layers = len(kept)
+    if layer_types is not None:
+        config.layer_types = [layer_types[i] for i in kept]
+    return kept
+
+
+# ---------------------------------------------------------------- recovery fine-tune
+
+
+def recovery_finetune(model: nn.Module, train_ids: torch.Tensor, steps: int = 20, batch_size: int = 2,
+                      lr: float = 1e-4, train: Callable[[str], bool] | None = None) -> list[float]:
+    """A short next-token fine-tune on the rows of `train_ids` (N, t); returns the loss of every step.
+
+    Step s uses rows [s * batch_size, (s + 1) * batch_size) modulo N. Only parameters whose name passes
+    `train` are updated (default: the decoder's MLP weights), which keeps AdamW's state small; the tied
+    embedding always stays frozen.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError("recovery_finetune needs steps >= 1 and batch_size >= 1.")
+    if train_ids.dim() != 2 or train_ids.shape[1] < 2:
+        raise ValueError(f"train_ids must be (rows, seq_len >= 2) token ids, got shape {tuple(train_ids.shape)}.")
+    train = train or (lambda name: ".mlp." in name)
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(train(name) and "embed" not in name)
+        if p.requires_grad:
+            params.append(p)
+    if not params:
+        raise ValueError("The `train` filter selected no parameters.")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    model.train()
+    try:
+        for step in range(steps):
+            rows = torch.arange(step * batch_size, (step + 1) * batch_size) % train_ids.shape[0]
+            ids = train_ids[rows].to(model.device)  # (b, t)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return losses
