@@ -203,9 +203,15 @@ class Int8TiedEmbedding(nn.Module):
 
     def __init__(self, weight: torch.Tensor, embed_scale: float = 1.0, chunk: int = 32768) -> None:
         super().__init__()
-        codes, scale = int8_rowwise(weight.detach().float())  # (V, d) int8, (V, 1)
+        weight = weight.detach()  # (V, d)
+        codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)  # (V, d)
+        scale = torch.empty(weight.shape[0], 1, dtype=torch.float16, device=weight.device)  # (V, 1)
+        for i in range(0, weight.shape[0], chunk):  # row by row is the same result; chunks keep the
+            # float temporaries of int8_rowwise at (chunk, d) instead of four (V, d) copies (0.7 GB each)
+            codes[i:i + chunk], s = int8_rowwise(weight[i:i + chunk].float())
+            scale[i:i + chunk] = s.half()
         self.register_buffer("codes", codes)
-        self.register_buffer("scale", scale.half())
+        self.register_buffer("scale", scale)
         self.embed_scale, self.chunk = float(embed_scale), chunk
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -492,8 +498,8 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[tor
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        model(input_ids=input_ids.to(model.device), use_cache=False)
+    try:  # the decoder stack only: the lm_head's logits (n, t, 262144) would cost 1 GiB per 1024 tokens
+        model.model(input_ids=input_ids.to(model.device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -750,8 +756,8 @@ def activation_absmax(model: nn.Module, input_ids: torch.Tensor) -> dict[str, to
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in decoder_linears(model)]
-    try:
-        model(input_ids=input_ids.to(model.device), use_cache=False)
+    try:  # the decoder stack only: the lm_head's logits (n, t, 262144) would cost 1 GiB per 1024 tokens
+        model.model(input_ids=input_ids.to(model.device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
