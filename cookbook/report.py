@@ -22,7 +22,7 @@ def _fmt(value, digits: int) -> str:
     return str(value)
 
 
-@dataclass
+@dataclass(repr=False)
 class ResultsTable:
     """Rows of dicts with the same keys, rendered as Markdown (notebook) or aligned text (terminal)."""
 
@@ -55,6 +55,9 @@ class ResultsTable:
         return self.markdown()
 
     def __str__(self) -> str:
+        return self.text()
+
+    def __repr__(self) -> str:  # rounded, so a notebook that echoes the table shows stable text
         return self.text()
 
 

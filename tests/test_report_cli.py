@@ -9,6 +9,7 @@ def test_results_table_renders_markdown_and_text():
     t = ResultsTable([{"method": "fp32", "bytes": 1_000_000, "ppl": 55.0412}], title="T", digits=2)
     assert "| fp32 | 1,000,000 | 55.04 |" in t.markdown()
     assert t.text().splitlines()[0] == "T"
+    assert repr(t) == t.text() and "55.0412" not in repr(t)  # echoed tables show rounded values only
     with pytest.raises(ValueError):
         ResultsTable([])
 
