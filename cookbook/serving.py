@@ -8,8 +8,9 @@ Everything here is built from scratch on a Hugging Face Gemma 3 model's weights:
   true positions hides the padding (and keys outside Gemma 3's sliding window). Left padding puts
   every sequence's last token in the same column, so one slice gives the next-token logits.
 - `simulate` replays a timed workload (`synthetic_workload`) under one `Policy` on a virtual clock:
-  the model really runs, each forward pass advances the clock by its measured wall time (or by a
-  cost model, for tests), and idle gaps between arrivals are skipped instead of slept.
+  the model really runs, and each forward pass advances the clock by its measured wall time, or by a
+  cost model fitted once from measured passes (`fit_pass_cost`) so that every policy is charged the
+  same costs; idle gaps between arrivals are skipped instead of slept.
 - `ContinuousEngine` is the iteration-level scheduler (admit and retire sequences every step, with
   optional priority preemption); `LiveEngine` runs it in a background thread for an HTTP front end.
 
@@ -315,6 +316,47 @@ class VirtualClock:
     def wait_until(self, t: float) -> None:
         """Idle until `t` (free on a virtual clock)."""
         self.now = max(self.now, t)
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """Seconds per forward pass = `fixed_s` (reading the weights once) + `per_slot_s` x token slots.
+
+    Fitted once from measured passes (`fit_pass_cost`) and then used by every policy's `VirtualClock`,
+    so the policies are compared on the same costs instead of on whatever else the machine was doing
+    while each one ran."""
+
+    fixed_s: float
+    per_slot_s: float
+
+    def __call__(self, n_sequences: int, token_slots: int) -> float:
+        return self.fixed_s + self.per_slot_s * token_slots
+
+
+def fit_pass_cost(model, prompt_ids: Sequence[int], batch_sizes: Sequence[int] = (1, 2, 4, 8),
+                  repeats: int = 3) -> PassCost:
+    """Time decode steps (1 token per sequence) and prefills (the whole prompt) at each batch size,
+    and fit seconds = fixed + per_slot x token_slots by least squares (both kept >= 0)."""
+    slots, seconds = [], []
+    for b in batch_sizes:
+        caches = [KVCache.for_model(model, len(prompt_ids) + repeats + 2) for _ in range(b)]
+        prefill = [list(prompt_ids)] * b
+        seconds.append(min(_timed(lambda: forward_tokens(model, prefill, [KVCache.for_model(model, len(prompt_ids))
+                                                                           for _ in range(b)])) for _ in range(repeats)))
+        slots.append(b * len(prompt_ids))
+        forward_tokens(model, prefill, caches)
+        step = [[int(prompt_ids[-1])]] * b
+        seconds.append(min(_timed(lambda: forward_tokens(model, step, caches)) for _ in range(repeats)))
+        slots.append(b)
+    x, y = np.asarray(slots, dtype=float), np.asarray(seconds)
+    per_slot = max(float(np.cov(x, y, bias=True)[0, 1] / x.var()), 0.0)
+    return PassCost(max(float(y.mean() - per_slot * x.mean()), 0.0), per_slot)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 class WallClock(VirtualClock):

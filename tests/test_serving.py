@@ -298,3 +298,10 @@ def test_http_front_end_on_loopback(model, pool):
     assert "empty" in bad[0].json()["detail"] and "between 1 and" in bad[1].json()["detail"]
     with pytest.raises(ValueError, match="loopback"):
         BackgroundServer(create_app(live, _FakeTokenizer()), host="0.0.0.0")
+
+
+def test_fit_pass_cost_is_positive_and_grows_with_slots():
+    model = tiny_model()
+    cost = sv.fit_pass_cost(model, list(range(3, 19)), batch_sizes=(1, 2), repeats=2)
+    assert cost.fixed_s >= 0 and cost.per_slot_s >= 0
+    assert cost(2, 32) >= cost(1, 1) > 0
