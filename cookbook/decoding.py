@@ -20,6 +20,13 @@ from torch import nn
 # ---------------------------------------------------------------- the caches
 
 
+def _cache_shape(config, max_len: int, batch: int) -> tuple[int, int, int, int]:
+    """Shape of one layer's K (or V) buffer, (batch, kv_heads, max_len, head_dim), after checking the sizes."""
+    if max_len < 1 or batch < 1:
+        raise ValueError(f"KVCache needs max_len >= 1 and batch >= 1, got max_len={max_len}, batch={batch}.")
+    return (batch, config.num_key_value_heads, max_len, config.head_dim)
+
+
 @dataclass
 class KVCache:
     """A preallocated float KV cache: one (b, g, max_len, d) buffer for K and one for V per layer.
@@ -37,9 +44,7 @@ class KVCache:
     def allocate(cls, config, max_len: int, batch: int = 1, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> KVCache:
         """Buffers for `max_len` tokens in each of the config's layers."""
-        if max_len < 1 or batch < 1:
-            raise ValueError(f"KVCache needs max_len >= 1 and batch >= 1, got max_len={max_len}, batch={batch}.")
-        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)  # (b, g, max_len, d)
+        shape = _cache_shape(config, max_len, batch)  # (b, g, max_len, d)
         n = config.num_hidden_layers
         return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
                    [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)])
@@ -104,9 +109,7 @@ class Int8KVCache(KVCache):
     def allocate(cls, config, max_len: int, batch: int = 1, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> Int8KVCache:
         """int8 buffers for `max_len` tokens; `dtype` is the dtype that reads return."""
-        if max_len < 1 or batch < 1:
-            raise ValueError(f"KVCache needs max_len >= 1 and batch >= 1, got max_len={max_len}, batch={batch}.")
-        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)  # (b, g, max_len, d)
+        shape = _cache_shape(config, max_len, batch)  # (b, g, max_len, d)
         n = config.num_hidden_layers
 
         def buffers(dt: torch.dtype, last: int) -> list[torch.Tensor]:
