@@ -30,6 +30,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import require_cuda
+from . import measure
 
 ATTENTION_NAME = "cookbook_pattern"
 KERNELS = ("sdpa", "naive", "tiled")
@@ -404,16 +405,9 @@ def time_sdpa_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_cau
 
 
 def kv_cache_bytes_per_token(config, kv_heads: int | None = None, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of K and V one token adds across all layers: 2 * layers * kv_heads * head_dim * element size.
-    `kv_heads` None = the config's own; pass num_attention_heads for MHA, 1 for MQA."""
-    heads = config.num_attention_heads
-    kv_heads = config.num_key_value_heads if kv_heads is None else kv_heads
-    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
-        raise ValueError(
-            f"kv_heads must be a positive divisor of num_attention_heads={heads}; got {kv_heads!r}."
-        )
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    """Bytes of K and V one token adds across all layers, with `kv_heads` first (the attention variants vary it);
+    the formula and its checks live in `cookbook.measure.kv_cache_bytes_per_token`."""
+    return measure.kv_cache_bytes_per_token(config, dtype, kv_heads=kv_heads)
 
 
 def kv_cache_variants(config, dtype: torch.dtype = torch.float32) -> dict[str, int]:
