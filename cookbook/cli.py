@@ -5,6 +5,8 @@
     python -m cookbook run 00 03_outliers   # only these (by number or name prefix)
     python -m cookbook run --model google/gemma-3-1b-pt --inplace
     python -m cookbook info                 # model, device and versions
+    python -m cookbook bench                # measure every technique, write reports/<device>.md/.json/.png
+    python -m cookbook bench --device cuda --model google/gemma-3-1b-pt
 """
 
 from __future__ import annotations
@@ -121,6 +123,36 @@ def cmd_info(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_command
+    from .errors import CookbookError
+
+    techniques = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else None
+    try:
+        bench_command(args.model, args.device, args.quick, args.out, techniques, args.watts, args.usd_per_hour,
+                      args.name)
+    except (CookbookError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_bench_parser(sub) -> argparse.ArgumentParser:
+    from .bench import TECHNIQUES
+
+    bench = sub.add_parser("bench", help="measure every technique on one model and device, write a report")
+    bench.add_argument("--model", help="model alias, local directory or Hugging Face id (default: Gemma 3 270M)")
+    bench.add_argument("--device", help="cpu or cuda (default: cuda if available, else cpu)")
+    bench.add_argument("--quick", action="store_true", help="smaller protocol and fewer repeats (recorded)")
+    bench.add_argument("--out", default=str(REPO_ROOT / "reports"), help="folder for <device>.md/.json/.png")
+    bench.add_argument("--only", help=f"comma-separated subset of: {','.join(TECHNIQUES)} (baseline always runs)")
+    bench.add_argument("--watts", type=float, help="assumed power draw for tokens/J (default: stated per device)")
+    bench.add_argument("--usd-per-hour", type=float, help="assumed machine price for $/M tokens")
+    bench.add_argument("--name", help="report file name without extension (default: cpu or cuda-<gpu>)")
+    bench.set_defaults(func=cmd_bench)
+    return bench
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cookbook", description="Run the LLM Efficiency Cookbook.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,5 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
     sub.add_parser("list", help="list the notebooks in order").set_defaults(func=cmd_list)
     sub.add_parser("info", help="model, device and versions").set_defaults(func=cmd_info)
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,680 @@
+"""The measurement suite: every technique of the cookbook measured on one model, one device, one protocol.
+
+`python -m cookbook bench` runs `run_bench` and writes `reports/<device>.md`, `.json` and `.png`.
+
+Each technique is a plain function `bench_<name>(model, tokenizer, device, settings) -> list[dict]`
+listed in `TECHNIQUES`. It works on a copy of the model (or on modules it swaps back), so the
+model it is given is unchanged when it returns; it measures with the package's own tools
+(`perplexity` on ONE fixed protocol, `generate` timed on ONE fixed prompt, `model_bytes`) and
+calls each technique's public functions from its module, never a re-implementation.
+
+Energy and cost are estimates, not measurements: tokens per joule = tokens/s / an ASSUMED power
+draw (W), and dollars per million tokens = an ASSUMED price per hour / (3600 x tokens/s) x 1e6.
+Both assumptions are written into every report.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import decoding as dec
+from . import distillation as D
+from . import lora
+from . import pruning as P
+from . import quantization as Q
+from . import serving as sv
+from .data import calibration_batch, encode, load_text, with_bos
+from .evaluate import PerplexityProtocol, perplexity, relative_change
+from .measure import GenerationSpeed, count_parameters, model_bytes, time_function
+
+COLUMNS = ("technique", "variant", "format", "params", "bytes held", "perplexity", "rel. change",
+           "decode tok/s", "prefill tok/s", "tokens/J", "$/M tokens", "notes")
+
+
+# ---------------------------------------------------------------- settings and assumptions
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Everything that fixes what the bench measures; recorded in the report.
+
+    protocol: the one perplexity protocol of every row. prompt_tokens / new_tokens: the one prompt
+    (BOS + the first tokens of the eval text) and the greedy tokens generated from it for decode
+    speed, timed `repeats` times after `warmup` runs (best of the repeats, see `generation_speed`). calib_*: calibration windows of the
+    training text for GPTQ, AWQ, Wanda and structured pruning. watts, usd_per_hour: the ASSUMED
+    power draw and price behind tokens/J and $/M tokens (see `default_power_and_price`).
+    """
+
+    protocol: PerplexityProtocol = PerplexityProtocol(seq_len=256, stride=256, max_tokens=1024)
+    prompt_tokens: int = 32
+    new_tokens: int = 16
+    loop_new_tokens: int = 16
+    warmup: int = 1
+    repeats: int = 3
+    calib_samples: int = 4
+    calib_seq_len: int = 256
+    group_size: int = 128
+    serving_requests: int = 16
+    max_batch: int = 8
+    watts: float = 20.0
+    usd_per_hour: float = 0.10
+    assumptions: str = ""
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        if self.new_tokens < 2 or self.loop_new_tokens < 2:
+            raise ValueError("new_tokens and loop_new_tokens must be >= 2 to separate decode from prefill.")
+        if self.prompt_tokens < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError("Need prompt_tokens >= 1, repeats >= 1 and warmup >= 0.")
+        if not (self.watts > 0 and self.usd_per_hour >= 0):
+            raise ValueError(f"watts must be > 0 and usd_per_hour >= 0, got {self.watts} and {self.usd_per_hour}.")
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        d["protocol"] = self.protocol.describe()
+        return d
+
+
+QUICK = dict(protocol=PerplexityProtocol(seq_len=256, stride=256, max_tokens=512), new_tokens=8, loop_new_tokens=8,
+             warmup=1, repeats=2, calib_samples=2, calib_seq_len=128, serving_requests=8, max_batch=4)
+
+# Board power from the vendors' spec sheets (maximum TDP): an UPPER BOUND on what a decode loop draws.
+GPU_TDP_W = {"h200": 700.0, "h100 sxm": 700.0, "h100 80gb hbm3": 700.0, "h100 pcie": 350.0, "h100": 700.0,
+             "a100": 400.0, "l40s": 350.0, "l4": 72.0, "a10": 150.0, "t4": 70.0, "rtx 4090": 450.0}
+CPU_WATTS_PER_THREAD = 10.0
+CPU_USD_PER_HOUR = 0.10  # roughly a 2-vCPU general-purpose cloud instance on demand
+GPU_USD_PER_HOUR = 3.00  # roughly one H100 / H200 rented by the hour
+
+
+def default_power_and_price(device: torch.device) -> tuple[float, float, str]:
+    """The assumed power draw (W), price ($/hour) and the sentence stating both, for `device`."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        key = next((k for k in GPU_TDP_W if k in name.lower()), None)
+        watts = GPU_TDP_W[key] if key else 300.0
+        source = (f"the board TDP of the {name} from the vendor's spec sheet ({watts:.0f} W)" if key else
+                  f"a generic 300 W (no spec-sheet TDP known for {name}; pass --watts)")
+        return watts, GPU_USD_PER_HOUR, (
+            f"Power: {source}, an UPPER BOUND, not a measurement (a batch-1 decode loop draws less). "
+            f"Price: ${GPU_USD_PER_HOUR:.2f}/hour, a typical on-demand rental of one such GPU. "
+            "Pass --watts and --usd-per-hour for your own figures.")
+    threads = torch.get_num_threads()
+    watts = CPU_WATTS_PER_THREAD * threads
+    return watts, CPU_USD_PER_HOUR, (
+        f"Power: {CPU_WATTS_PER_THREAD:.0f} W per busy CPU thread x {threads} threads = {watts:.0f} W, a stated "
+        "assumption (a server core under load draws roughly 5-15 W), not a measurement. "
+        f"Price: ${CPU_USD_PER_HOUR:.2f}/hour, roughly a {threads}-vCPU cloud instance on demand. "
+        "Pass --watts and --usd-per-hour for your own figures.")
+
+
+def make_settings(device: torch.device, quick: bool = False, watts: float | None = None,
+                  usd_per_hour: float | None = None, **overrides) -> BenchSettings:
+    """Settings for `device`: the full or `quick` sizes, the stated power and price unless given."""
+    default_w, default_usd, text = default_power_and_price(device)
+    if watts is not None or usd_per_hour is not None:
+        text = (f"Power {watts if watts is not None else default_w:g} W and price "
+                f"${usd_per_hour if usd_per_hour is not None else default_usd:g}/hour as given on the command line "
+                f"(defaults would have been: {text})")
+    base = dict(QUICK, quick=True) if quick else {}
+    return BenchSettings(**(base | overrides), watts=default_w if watts is None else watts,
+                         usd_per_hour=default_usd if usd_per_hour is None else usd_per_hour, assumptions=text)
+
+
+def tokens_per_joule(tokens_per_s: float | None, watts: float) -> float | None:
+    """Tokens per joule at an assumed constant power draw: (tokens/s) / W."""
+    return None if tokens_per_s is None else tokens_per_s / watts
+
+
+def usd_per_million_tokens(tokens_per_s: float | None, usd_per_hour: float) -> float | None:
+    """Dollars per million tokens at `usd_per_hour` for a machine producing `tokens_per_s`."""
+    if tokens_per_s is None or tokens_per_s <= 0:
+        return None
+    return usd_per_hour / (3600.0 * tokens_per_s) * 1e6
+
+
+# ---------------------------------------------------------------- one row
+
+
+def represented_parameters(model: nn.Module) -> int:
+    """Weights the model stands for: its parameters plus the weights packed in quantized modules' buffers."""
+    n = count_parameters(model)
+    tables = set()
+    for m in model.modules():
+        if isinstance(m, (Q.QuantLinear, Q.NF4Linear)):
+            n += m.out_features * m.in_features
+        elif isinstance(m, Q.Int8TiedEmbedding) and id(m) not in tables:
+            tables.add(id(m))
+            n += m.codes.numel()
+    return n
+
+
+def bench_prompt(tokenizer, settings: BenchSettings, device) -> torch.Tensor:
+    """The one prompt every decode measurement uses: BOS + the eval text's first tokens, (1, t)."""
+    ids = encode(tokenizer, load_text(settings.protocol.text), settings.prompt_tokens - 1)
+    return with_bos(tokenizer, ids[None]).to(device)  # (1, prompt_tokens)
+
+
+def result_row(technique: str, variant: str, fmt: str, model: nn.Module | None = None, ppl: float | None = None,
+               decode: float | None = None, prefill: float | None = None, notes: str = "", **extra) -> dict:
+    """One results row with every column of `COLUMNS` (None where not measured)."""
+    return {"technique": technique, "variant": variant, "format": fmt,
+            "params": None if model is None else represented_parameters(model),
+            "bytes held": None if model is None else model_bytes(model),
+            "perplexity": ppl, "rel. change": None, "decode tok/s": decode, "prefill tok/s": prefill,
+            "tokens/J": None, "$/M tokens": None, "notes": notes, **extra}
+
+
+def generation_speed(model, prompt_ids: torch.Tensor, settings: BenchSettings) -> GenerationSpeed:
+    """Prefill and greedy-generate timings of `measure_generation`, but the BEST of the repeats, not the median.
+
+    On a shared machine a run can only be slowed down by other work, never sped up, so the fastest of a few
+    runs is the estimate least distorted by neighbours (notebook 05 times the same way).
+    """
+    prompt_ids = prompt_ids.to(model.device)
+    n = settings.new_tokens
+    prefill = time_function(lambda: model(input_ids=prompt_ids), settings.warmup, settings.repeats, model.device)
+    gen = time_function(lambda: model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                                               max_new_tokens=n, min_new_tokens=n, do_sample=False),
+                        settings.warmup, settings.repeats, model.device)
+    return GenerationSpeed(prompt_ids.shape[1], n, prefill.min_s, gen.min_s)
+
+
+def best_of(run: Callable[[], object], tokens_per_s: Callable[[object], float], settings: BenchSettings):
+    """Call `run` `warmup` + `repeats` times: the last result, and the best tokens/s over the repeats."""
+    for _ in range(settings.warmup):
+        run()
+    results = [run() for _ in range(settings.repeats)]
+    return results[-1], max(tokens_per_s(r) for r in results)
+
+
+def measure_model(model, tokenizer, settings: BenchSettings, technique: str, variant: str, fmt: str,
+                  notes: str = "") -> dict:
+    """Perplexity on the protocol and greedy prefill / decode speed on the prompt: one row."""
+    gc.collect()
+    ppl = perplexity(model, tokenizer, settings.protocol)
+    speed = generation_speed(model, bench_prompt(tokenizer, settings, model.device), settings)
+    return result_row(technique, variant, fmt, model, ppl, speed.decode_tokens_per_s, speed.prefill_tokens_per_s,
+                      notes)
+
+
+def calibration(tokenizer, settings: BenchSettings, device) -> torch.Tensor:
+    return calibration_batch(tokenizer, settings.calib_samples, settings.calib_seq_len, seed=0).to(device)
+
+
+def _fresh_copy(model: nn.Module) -> nn.Module:
+    gc.collect()
+    return copy.deepcopy(model)
+
+
+# ---------------------------------------------------------------- the techniques, one function each
+
+
+def bench_baseline(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """The model as loaded: the reference every other row is compared with."""
+    fmt = str(model.dtype).replace("torch.", "")
+    return [measure_model(model, tokenizer, settings, "baseline", "as loaded", fmt)]
+
+
+def bench_precision(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """The whole model cast to bfloat16 (notebook 01); skipped when it is already bf16."""
+    if model.dtype == torch.bfloat16:
+        return []
+    work = _fresh_copy(model).to(torch.bfloat16)
+    note = "CPU: no native bf16 matmul on most cores, so it can be slower" if device.type == "cpu" else ""
+    row = measure_model(work, tokenizer, settings, "precision", "cast to bf16", "bf16", note)
+    del work
+    return [row]
+
+
+def bench_rtn(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """Round-to-nearest int8 and int4 of every decoder linear, bit-packed QuantLinear (notebook 02)."""
+    rows, g = [], settings.group_size
+    for bits in (8, 4):
+        work = _fresh_copy(model)
+        Q.quantize_linears_rtn(work, bits, g, symmetric=False)
+        rows.append(measure_model(work, tokenizer, settings, "weight quantization", f"RTN int{bits}",
+                                  f"int{bits} g{g}", "decoder linears only; dequantized on the fly (unfused)"))
+        del work
+    return rows
+
+
+def bench_gptq_awq(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """GPTQ and AWQ at 4 bits on calibration data (notebook 04), and GPTQ + int8 tied embedding."""
+    rows, g = [], settings.group_size
+    calib = calibration(tokenizer, settings, device)
+    for method in ("gptq", "awq"):
+        work = _fresh_copy(model)
+        start = time.perf_counter()
+        Q.quantize_model_layerwise(work, calib, method, 4, g, symmetric=False)
+        spent = time.perf_counter() - start
+        note = f"{len(calib)}x{calib.shape[1]} calibration tokens, quantized in {spent:.0f} s"
+        rows.append(measure_model(work, tokenizer, settings, "weight quantization", method.upper() + " int4",
+                                  f"int4 g{g}", note))
+        if method == "gptq" and _has_tied_embedding(work):
+            Q.quantize_tied_embedding_int8(work)
+            rows.append(measure_model(work, tokenizer, settings, "weight quantization",
+                                      "GPTQ int4 + int8 embedding", f"int4 g{g} + int8 emb",
+                                      "the tied embedding / lm_head as int8, one scale per row"))
+        del work
+    return rows
+
+
+def _has_tied_embedding(model) -> bool:
+    return model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def bench_nf4(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """NF4 with double quantization (QLoRA's storage format, notebook 04)."""
+    work = _fresh_copy(model)
+    Q.quantize_linears_nf4(work, 64, double_quant=True)
+    row = measure_model(work, tokenizer, settings, "weight quantization", "NF4 + double quant", "nf4 b64",
+                        "decoder linears only; dequantized on the fly (unfused)")
+    del work
+    return [row]
+
+
+def bench_wanda(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """Wanda unstructured pruning, 50% of every decoder linear's weights (notebook 05)."""
+    work = _fresh_copy(model)
+    P.prune_wanda(work, P.collect_input_norms(work, calibration(tokenizer, settings, device)), 0.5)
+    row = measure_model(work, tokenizer, settings, "pruning", "Wanda 50% unstructured",
+                        str(model.dtype).replace("torch.", ""),
+                        f"{P.sparsity_of(work):.0%} zeros stored densely: no bytes or time saved without sparse kernels")
+    del work
+    return [row]
+
+
+def bench_structured(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """Structured pruning: 25% of the MLP channels of every layer removed, no fine-tune (notebook 05)."""
+    work = _fresh_copy(model)
+    inter = work.config.intermediate_size
+    new = P.prune_mlp_channels(work, P.collect_input_norms(work, calibration(tokenizer, settings, device)), 0.25)
+    row = measure_model(work, tokenizer, settings, "pruning", "MLP channels -25%", str(model.dtype).replace("torch.", ""),
+                        f"intermediate size {inter} -> {new}; no recovery fine-tune")
+    del work
+    return [row]
+
+
+def bench_distilled_student(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """The student notebook 06 saved at `distillation.student_dir()`, if it is there and fits this model."""
+    from .models import load_model
+
+    path = D.student_dir()
+    fmt = str(model.dtype).replace("torch.", "")
+    if not (path / "config.json").exists():
+        return [result_row("distillation", "saved student", fmt,
+                           notes=f"not measured: no student at <cache>/{path.name}; run notebook 06 first")]
+    student, student_tok = load_model(str(path), device=device, dtype=model.dtype)
+    same = (student.config.hidden_size == model.config.hidden_size
+            and student.config.vocab_size == model.config.vocab_size
+            and student_tok.get_vocab() == tokenizer.get_vocab())
+    if not same:
+        del student
+        return [result_row("distillation", "saved student", fmt,
+                           notes="not measured: the saved student was distilled from another model")]
+    row = measure_model(student, tokenizer, settings, "distillation",
+                        f"student, {student.config.num_hidden_layers} of {model.config.num_hidden_layers} layers",
+                        fmt, "notebook 06's student (a short distillation run)")
+    del student
+    return [row]
+
+
+def cached_perplexity(model, tokenizer, protocol: PerplexityProtocol, cache_cls: type[dec.KVCache]) -> float:
+    """The protocol's perplexity scored through our decoding forward with a fresh `cache_cls` per window.
+
+    Needs stride == seq_len (windows that do not overlap): then each window BOS + w is scored exactly as
+    `evaluate.perplexity` scores it, so a float cache gives the baseline's number and an int8 cache shows
+    what quantizing the keys and values costs.
+    """
+    if protocol.stride != protocol.seq_len:
+        raise ValueError("cached_perplexity needs a protocol with stride == seq_len (non-overlapping windows).")
+    ids = encode(tokenizer, load_text(protocol.text), protocol.max_tokens).to(model.device)
+    total, scored = 0.0, 0
+    for start in range(0, len(ids), protocol.seq_len):
+        window = with_bos(tokenizer, ids[start:start + protocol.seq_len][None])  # (1, t + 1)
+        if window.shape[1] < 2:
+            break
+        logits = dec.teacher_forced_logits(model, window, cache_cls)  # (1, t + 1, V)
+        total += dec.nll_of_logits(logits, window) * (window.shape[1] - 1)
+        scored += window.shape[1] - 1
+        del logits
+    return math.exp(total / scored)
+
+
+def bench_kv_cache(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """Greedy decoding with our loops (notebook 10): no cache, float KV cache, int8 KV cache."""
+    prompt = bench_prompt(tokenizer, settings, device)
+    n, fmt = settings.loop_new_tokens, str(model.dtype).replace("torch.", "")
+    plain_tps = lambda g: g.tokens_per_s()
+    cached_tps = lambda out: out[0].tokens_per_s()  # generate_with_cache returns (generation, cache)
+    no_cache, no_cache_tps = best_of(lambda: dec.generate_no_cache(model, prompt, n), plain_tps, settings)
+    (fp, fp_cache), fp_tps = best_of(lambda: dec.generate_with_cache(model, prompt, n), cached_tps, settings)
+    (q8, q8_cache), q8_tps = best_of(lambda: dec.generate_with_cache(model, prompt, n, dec.Int8KVCache),
+                                     cached_tps, settings)
+    same = fp.tokens == no_cache.tokens
+    ppl_fp = cached_perplexity(model, tokenizer, settings.protocol, dec.KVCache)
+    ppl_q8 = cached_perplexity(model, tokenizer, settings.protocol, dec.Int8KVCache)
+    loop = f"our loop, {prompt.shape[1]}-token prompt, {n} tokens, prefill included"
+    return [
+        result_row("decoding", "no KV cache", fmt, model, ppl_fp, no_cache_tps, notes=loop),
+        result_row("decoding", "KV cache (float)", fmt, model, ppl_fp, fp_tps,
+                   notes=f"{loop}; tokens identical to no cache: {same}; cache {fp_cache.nbytes():,} B"),
+        result_row("decoding", "KV cache (int8)", fmt, model, ppl_q8, q8_tps,
+                   notes=f"{loop}; cache {q8_cache.nbytes():,} B"),
+    ]
+
+
+def bench_speculative(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """Greedy speculative decoding with a draft of the first 2/3 of the layers (shares every weight)."""
+    prompt = bench_prompt(tokenizer, settings, device)
+    n, fmt = settings.loop_new_tokens, str(model.dtype).replace("torch.", "")
+    layers = model.config.num_hidden_layers
+    draft = dec.truncated_draft(model, max(1, round(2 * layers / 3)))
+    plain, _ = dec.generate_with_cache(model, prompt, n)
+    spec, spec_tps = best_of(lambda: dec.speculative_generate(model, draft, prompt, n, k=3),
+                             lambda r: len(r.tokens) / r.seconds, settings)
+    return [result_row(
+        "decoding", f"speculative, {draft.config.num_hidden_layers}-layer draft, k=3", fmt, model, None, spec_tps,
+        notes=(f"our loop like the KV cache row; output identical to greedy: {spec.tokens == plain.tokens}; "
+               f"acceptance {spec.acceptance_rate:.2f}, {spec.tokens_per_target_pass:.2f} tokens per target pass"))]
+
+
+def bench_serving(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """Static vs continuous batching of one synthetic workload under overload (notebook 11).
+
+    Both policies are charged the same pass costs, fitted once from measured forward passes, so the
+    throughput is aggregate generated tokens per second over all requests, not one stream's speed.
+    """
+    pool = encode(tokenizer, load_text("shakespeare_train"), 4000)
+    requests = sv.synthetic_workload(pool, n_requests=settings.serving_requests, rate_per_s=1.0, seed=0,
+                                     prompt_range=(8, 64), output_range=(4, 32), bos_id=tokenizer.bos_token_id)
+    cost = sv.fit_pass_cost(model, requests[0].prompt_ids[:32], sorted({1, 2, settings.max_batch}))
+    overload = sv.with_rate(requests, 1000.0, 1.0)  # every request waiting at t ~ 0: the throughput limit
+    fmt = str(model.dtype).replace("torch.", "")
+    rows = []
+    for kind in ("static", "continuous"):
+        res = sv.simulate(model, overload, sv.Policy(kind, settings.max_batch), sv.VirtualClock(cost))
+        rows.append(result_row(
+            "serving", f"{kind} batching, batch {settings.max_batch}", fmt, model, None, res.throughput,
+            notes=(f"aggregate tokens/s of {len(requests)} requests arriving at once (fitted pass cost); "
+                   f"padding waste {res.stats.padding_waste:.0%}")))
+    return rows
+
+
+def bench_lora(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """What fine-tuning must keep per trainable weight: full fine-tune vs LoRA r=8 on every decoder linear.
+
+    Counted on the real modules (no training run): AdamW keeps a gradient and two moments per
+    trainable weight, 3 x 4 bytes in float32. 'bytes held' is the model as it would be served.
+    """
+    targets = list(Q.LINEAR_NAMES)
+    work = _fresh_copy(model)
+    full = count_parameters(work)
+    lora.add_lora(work, targets, rank=8, alpha=16)
+    trainable = count_parameters(work, trainable_only=True)
+    fmt = str(model.dtype).replace("torch.", "")
+    rows = [
+        result_row("fine-tuning", "full fine-tune", fmt, model,
+                   notes=f"{full:,} trainable; gradient + AdamW state {12 * full:,} B"),
+        result_row("fine-tuning", "LoRA r=8, all decoder linears", fmt, work,
+                   notes=f"{trainable:,} trainable ({trainable / full:.2%}); gradient + AdamW state {12 * trainable:,} B"),
+    ]
+    del work
+    return rows
+
+
+TECHNIQUES: dict[str, Callable[..., list[dict]]] = {
+    "precision": bench_precision,
+    "rtn": bench_rtn,
+    "gptq_awq": bench_gptq_awq,
+    "nf4": bench_nf4,
+    "wanda": bench_wanda,
+    "structured": bench_structured,
+    "distillation": bench_distilled_student,
+    "kv_cache": bench_kv_cache,
+    "speculative": bench_speculative,
+    "serving": bench_serving,
+    "lora": bench_lora,
+}
+
+
+def check_techniques(names: Sequence[str] | None) -> list[str]:
+    """The technique names to run, in `TECHNIQUES` order; a clear error for an unknown name."""
+    if names is None:
+        return list(TECHNIQUES)
+    unknown = [n for n in names if n not in TECHNIQUES]
+    if unknown:
+        raise ValueError(f"Unknown technique(s) {unknown}; choose from {list(TECHNIQUES)}.")
+    return [n for n in TECHNIQUES if n in names]
+
+
+# ---------------------------------------------------------------- the suite
+
+
+def finish_rows(rows: list[dict], settings: BenchSettings) -> list[dict]:
+    """Fill relative perplexity change (vs the baseline row) and the energy / cost estimates."""
+    base = next((r["perplexity"] for r in rows if r["technique"] == "baseline"), None)
+    for r in rows:
+        if base is not None and r["perplexity"] is not None:
+            r["rel. change"] = relative_change(r["perplexity"], base)
+        r["tokens/J"] = tokens_per_joule(r["decode tok/s"], settings.watts)
+        r["$/M tokens"] = usd_per_million_tokens(r["decode tok/s"], settings.usd_per_hour)
+    return rows
+
+
+@torch.no_grad()
+def run_bench(model, tokenizer, device, settings: BenchSettings, techniques: Sequence[str] | None = None,
+              log: Callable[[str], None] | None = print) -> list[dict]:
+    """The baseline, then each chosen technique; rows with relative change and energy / cost filled in.
+
+    A technique that fails (e.g. a model layout it does not support) gives one row saying why, and
+    the others still run.
+    """
+    names = check_techniques(techniques)
+    rows = []
+    for name, fn in [("baseline", bench_baseline), *[(n, TECHNIQUES[n]) for n in names]]:
+        start = time.perf_counter()
+        try:
+            rows += fn(model, tokenizer, device, settings)
+        except Exception as exc:  # record it and go on: one unsupported technique should not sink the report
+            if name == "baseline":
+                raise
+            rows.append(result_row(name, "failed", "", notes=f"not measured: {type(exc).__name__}: {exc}"[:300]))
+        gc.collect()
+        if log:
+            log(f"[bench] {name}: {time.perf_counter() - start:.0f} s")
+    return finish_rows(rows, settings)
+
+
+def pareto_front(rows: Sequence[dict], cost: str, higher_is_better: bool = False) -> list[dict]:
+    """Rows no other row beats on both perplexity (lower) and `cost` (lower, or higher if `higher_is_better`)."""
+    pts = [r for r in rows if r.get("perplexity") is not None and r.get(cost) is not None]
+    sign = -1 if higher_is_better else 1
+
+    def dominates(a, b) -> bool:
+        return (a["perplexity"] <= b["perplexity"] and sign * a[cost] <= sign * b[cost]
+                and (a["perplexity"] < b["perplexity"] or sign * a[cost] < sign * b[cost]))
+    return [r for r in pts if not any(dominates(o, r) for o in pts if o is not r)]
+
+
+def label(row: dict) -> str:
+    return row["variant"] if row["technique"] != "baseline" else f"baseline ({row['format']})"
+
+
+def plot_pareto(rows: Sequence[dict], title: str = ""):
+    """Two panels: perplexity vs bytes held, and perplexity vs decode tokens/s; one point per row."""
+    from .report import new_figure
+
+    fig, (ax_b, ax_s) = new_figure(2, width=6.5, height=4.5)
+    pts = [r for r in rows if r.get("perplexity") is not None]
+    for ax, key, scale, xlabel in ((ax_b, "bytes held", 2**-20, "MiB held (whole model)"),
+                                   (ax_s, "decode tok/s", 1.0, "decode tokens/s (one stream)")):
+        front = {id(r) for r in pareto_front(pts, key, higher_is_better=key == "decode tok/s")}
+        for r in pts:
+            if r.get(key) is None:
+                continue
+            x = r[key] * scale
+            ax.scatter(x, r["perplexity"], s=40, marker="*" if id(r) in front else "o",
+                       color="C3" if id(r) in front else "C0", zorder=3)
+            ax.annotate(label(r), (x, r["perplexity"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("perplexity (log)")
+        ax.set_yscale("log")
+    ax_b.set_title("quality vs memory (red stars: Pareto front)")
+    ax_s.set_title("quality vs speed (red stars: Pareto front)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- the report
+
+
+def machine_info(device: torch.device) -> dict:
+    """What the numbers were measured on: CPU or GPU name, cores, memory, versions."""
+    import psutil
+    import transformers
+
+    info = {"device": device.type, "cpu": _cpu_name(), "cpu threads used by torch": torch.get_num_threads(),
+            "logical cpus": psutil.cpu_count(), "ram GiB": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "os": platform.platform()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info |= {"gpu": props.name, "gpu memory GiB": round(props.total_memory / 2**30, 1),
+                 "cuda": torch.version.cuda}
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def report_name(device: torch.device) -> str:
+    """'cpu', or 'cuda-<gpu name>' as a file-name-safe slug."""
+    if device.type != "cuda":
+        return device.type
+    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+@dataclass
+class BenchReport:
+    """Rows plus everything needed to read them: machine, versions, model, protocol, settings, date."""
+
+    rows: list[dict]
+    model: str
+    machine: dict
+    settings: dict
+    assumptions: str
+    wall_s: float
+    date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+    def table(self):
+        from .report import ResultsTable
+
+        shown = [{k: r.get(k) for k in COLUMNS} for r in self.rows]
+        return ResultsTable(shown, f"Every technique on {self.model} ({self.machine['device']})", digits=2)
+
+    def markdown(self, png_name: str) -> str:
+        s = self.settings
+        lines = [
+            f"# Cookbook bench: {self.model} on {self.machine.get('gpu', self.machine['cpu'])}",
+            "",
+            f"Measured {self.date} by `python -m cookbook bench"
+            f"{' --quick' if s['quick'] else ''}` in {self.wall_s / 60:.1f} minutes. Every number below was measured "
+            "in that run, except tokens/J and $/M tokens, which are estimates from the stated assumptions.",
+            "", "## Machine", "", "| | |", "|---|---|",
+            *[f"| {k} | {v} |" for k, v in self.machine.items()],
+            "", "## Protocol", "",
+            f"- Perplexity: {s['protocol']} (lower is better; every row on the same tokens).",
+            f"- Decode and prefill speed: `generate` timed as `measure_generation` does, on one prompt of {s['prompt_tokens']} tokens (BOS + "
+            f"the eval text), {s['new_tokens']} greedy tokens, best of {s['repeats']} runs after {s['warmup']} "
+            "warm-up. Rows marked 'our loop' time cookbook.decoding's loops instead "
+            f"({s['loop_new_tokens']} tokens, prefill included); serving rows are aggregate tokens/s of many requests.",
+            f"- Calibration (GPTQ, AWQ, Wanda, structured): {s['calib_samples']} windows of {s['calib_seq_len']} "
+            f"tokens of the training text; quantization groups of {s['group_size']}.",
+            f"- Bytes held: parameters + persistent buffers (packed codes and scales count), tied weights once.",
+            "", "## Energy and cost assumptions", "",
+            f"{self.assumptions}",
+            f"tokens/J = decode tokens/s / {s['watts']:g} W; $/M tokens = ${s['usd_per_hour']:g}/hour / "
+            "(3600 x tokens/s) x 1e6.",
+            "", "## Results", "", self.table().markdown(), "",
+            f"![Pareto plot]({png_name})", "",
+            "Pareto front (no other row has both lower perplexity and fewer bytes): "
+            + ", ".join(label(r) for r in pareto_front(self.rows, "bytes held")) + ".",
+            "",
+            "Pareto front (no other row has both lower perplexity and more decode tokens/s): "
+            + ", ".join(label(r) for r in pareto_front(self.rows, "decode tok/s", higher_is_better=True)) + ".",
+            "", "## Regenerate", "",
+            "```bash",
+            f"python -m cookbook bench{' --quick' if s['quick'] else ''} --device {self.machine['device']}"
+            f" --model {self.model}",
+            "```", "",
+        ]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "date": self.date, "wall_s": self.wall_s, "machine": self.machine,
+                "settings": self.settings, "assumptions": self.assumptions, "rows": self.rows}
+
+    def write(self, out_dir: str | Path, name: str) -> dict[str, Path]:
+        """Write `<name>.md`, `<name>.json` and `<name>.png` into `out_dir`; returns their paths."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {ext: out / f"{name}.{ext}" for ext in ("md", "json", "png")}
+        fig = plot_pareto(self.rows, f"{self.model} on {self.machine.get('gpu', self.machine['cpu'])}")
+        fig.savefig(paths["png"], dpi=110)
+        plt.close(fig)
+        paths["json"].write_text(json.dumps(self.to_json(), indent=1, default=str) + "\n")
+        paths["md"].write_text(self.markdown(paths["png"].name))
+        return paths
+
+
+def bench_command(model_name: str | None, device: str | None, quick: bool, out_dir: str, techniques=None,
+                  watts: float | None = None, usd_per_hour: float | None = None, name: str | None = None) -> dict:
+    """Load the model, run the suite, write the report; what `python -m cookbook bench` calls."""
+    from .models import load_model, model_name as resolve_name, resolve_device, set_seed
+
+    import transformers
+
+    names = check_techniques(techniques)
+    dev = resolve_device(device)  # a clear ModelLoadError for cuda without a GPU
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    settings = make_settings(dev, quick, watts, usd_per_hour)
+    set_seed(0)
+    start = time.perf_counter()
+    model, tok = load_model(model_name, device=dev)
+    rows = run_bench(model, tok, dev, settings, names, log=lambda m: print(m, file=sys.stderr, flush=True))
+    report = BenchReport(rows, resolve_name(model_name), machine_info(dev), settings.describe(), settings.assumptions,
+                         time.perf_counter() - start)
+    paths = report.write(out_dir, name or report_name(dev))
+    print(report.table().text())
+    print("\nwrote", ", ".join(str(p) for p in paths.values()))
+    return paths

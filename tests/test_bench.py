@@ -1,0 +1,161 @@
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings as hyp_settings
+from hypothesis import strategies as st
+
+from cookbook import bench
+from cookbook.cli import main
+from cookbook.errors import ModelLoadError
+from cookbook.evaluate import PerplexityProtocol, perplexity
+from cookbook.models import tiny_model
+
+
+class ByteTokenizer:
+    """A tokenizer for the tiny model: one id per UTF-8 byte (3..258), BOS 2, EOS 1, pad 0."""
+
+    bos_token_id, eos_token_id, pad_token_id = 2, 1, 0
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = [b + 3 for b in text.encode("utf-8")]
+        out = type("Encoding", (), {})()
+        out.input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
+        return out
+
+    def get_vocab(self):
+        return {f"<{i}>": i for i in range(259)}
+
+
+TINY = dict(protocol=PerplexityProtocol(seq_len=32, stride=32, max_tokens=64), prompt_tokens=8, new_tokens=3,
+            loop_new_tokens=4, warmup=0, repeats=1, calib_samples=2, calib_seq_len=32, group_size=32,
+            serving_requests=4, max_batch=2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(num_layers=3), ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def rows(tiny):
+    model, tok = tiny
+    settings = bench.make_settings(torch.device("cpu"), **TINY)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = bench.run_bench(model, tok, torch.device("cpu"), settings, log=None)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the bench must leave the model unchanged"
+    return out
+
+
+def test_every_technique_gives_a_full_row(rows):
+    failed = [r for r in rows if r["variant"] == "failed"]
+    assert failed == [], failed
+    assert rows[0]["technique"] == "baseline" and rows[0]["rel. change"] == 0.0
+    techniques = {r["technique"] for r in rows}
+    assert {"precision", "weight quantization", "pruning", "decoding", "serving", "fine-tuning"} <= techniques
+    for r in rows:
+        assert list(r)[: len(bench.COLUMNS)] == list(bench.COLUMNS)
+
+
+def test_rows_measure_what_they_claim(rows, tiny):
+    model, tok = tiny
+    by = {r["variant"]: r for r in rows}
+    base = rows[0]
+    assert base["perplexity"] == pytest.approx(perplexity(model, tok, TINY["protocol"]))
+    assert base["bytes held"] == sum(p.numel() * 4 for p in model.parameters())  # tied embedding counted once
+    # packed int4 holds fewer bytes than int8, which holds fewer than fp32; all stand for the same weights
+    assert by["RTN int4"]["bytes held"] < by["RTN int8"]["bytes held"] < base["bytes held"]
+    assert by["RTN int4"]["params"] == by["RTN int8"]["params"] == base["params"]
+    assert by["GPTQ int4 + int8 embedding"]["bytes held"] < by["GPTQ int4"]["bytes held"]
+    assert by["cast to bf16"]["bytes held"] == base["bytes held"] // 2
+    assert by["MLP channels -25%"]["params"] < base["params"]
+    assert by["Wanda 50% unstructured"]["bytes held"] == base["bytes held"]  # zeros stored densely
+    # the float KV cache scores the protocol exactly like evaluate.perplexity
+    assert by["KV cache (float)"]["perplexity"] == pytest.approx(base["perplexity"], rel=1e-4)
+    assert "identical to no cache: True" in by["KV cache (float)"]["notes"]
+    assert "identical to greedy: True" in next(r for r in rows if r["variant"].startswith("speculative"))["notes"]
+    lora_row = by["LoRA r=8, all decoder linears"]
+    assert lora_row["params"] > base["params"] and "trainable" in lora_row["notes"]
+    watts = bench.make_settings(torch.device("cpu")).watts
+    for r in rows:
+        if r["decode tok/s"] is not None:
+            assert r["decode tok/s"] > 0 and r["tokens/J"] == pytest.approx(r["decode tok/s"] / watts)
+
+
+def test_missing_student_is_reported_not_invented(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    monkeypatch.setenv("COOKBOOK_CACHE", str(tmp_path))
+    (row,) = bench.bench_distilled_student(model, tok, torch.device("cpu"), bench.make_settings(torch.device("cpu"), **TINY))
+    assert row["perplexity"] is None and "run notebook 06 first" in row["notes"]
+
+
+@given(tps=st.floats(1e-3, 1e5), watts=st.floats(1.0, 2000.0), usd=st.floats(0.01, 100.0))
+@hyp_settings(max_examples=50, deadline=None)
+def test_energy_and_cost_formulas(tps, watts, usd):
+    assert bench.tokens_per_joule(tps, watts) * watts == pytest.approx(tps)
+    cost = bench.usd_per_million_tokens(tps, usd)
+    # a million tokens take 1e6 / tps seconds, billed at usd per 3600 s
+    assert cost == pytest.approx(1e6 / tps / 3600 * usd)
+    assert bench.usd_per_million_tokens(2 * tps, usd) == pytest.approx(cost / 2)
+    assert bench.tokens_per_joule(None, watts) is None and bench.usd_per_million_tokens(0.0, usd) is None
+
+
+def test_pareto_front():
+    rows = [{"perplexity": 10.0, "bytes held": 100}, {"perplexity": 12.0, "bytes held": 50},
+            {"perplexity": 13.0, "bytes held": 60}, {"perplexity": 9.0, "bytes held": 200},
+            {"perplexity": None, "bytes held": 1}]
+    assert [r["bytes held"] for r in bench.pareto_front(rows, "bytes held")] == [100, 50, 200]
+    speed = [{"perplexity": 10.0, "s": 5.0}, {"perplexity": 11.0, "s": 4.0}, {"perplexity": 12.0, "s": 9.0}]
+    assert [r["s"] for r in bench.pareto_front(speed, "s", higher_is_better=True)] == [5.0, 9.0]
+
+
+def test_report_writes_markdown_json_and_plot(rows, tmp_path):
+    settings = bench.make_settings(torch.device("cpu"), **TINY)
+    report = bench.BenchReport(rows, "tiny", bench.machine_info(torch.device("cpu")), settings.describe(),
+                               settings.assumptions, 1.0)
+    paths = report.write(tmp_path, "cpu")
+    md = paths["md"].read_text()
+    assert "## Machine" in md and "torch" in md and TINY["protocol"].describe() in md
+    assert "not a measurement" in md and "W per busy CPU thread" in md
+    assert "![Pareto plot](cpu.png)" in md and paths["png"].stat().st_size > 10_000
+    data = json.loads(paths["json"].read_text())
+    assert data["model"] == "tiny" and len(data["rows"]) == len(rows)
+    assert data["settings"]["watts"] == settings.watts
+
+
+def test_quick_settings_and_stated_assumptions():
+    cpu = torch.device("cpu")
+    quick, full = bench.make_settings(cpu, quick=True), bench.make_settings(cpu)
+    assert quick.quick and quick.protocol.max_tokens < full.protocol.max_tokens
+    assert math.isclose(full.watts, bench.CPU_WATTS_PER_THREAD * torch.get_num_threads())
+    given_ = bench.make_settings(cpu, watts=42.0, usd_per_hour=1.5)
+    assert given_.watts == 42.0 and given_.usd_per_hour == 1.5 and "as given on the command line" in given_.assumptions
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="Unknown technique.*choose from"):
+        bench.check_techniques(["rtn", "quantum"])
+    assert bench.check_techniques(["lora", "rtn"]) == ["rtn", "lora"]  # suite order
+    with pytest.raises(ValueError, match="watts"):
+        bench.BenchSettings(watts=0)
+    with pytest.raises(ValueError, match="new_tokens"):
+        bench.BenchSettings(new_tokens=1)
+    with pytest.raises(ValueError, match="stride == seq_len"):
+        bench.cached_perplexity(None, None, PerplexityProtocol(seq_len=32, stride=16), None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_gpu_is_a_clear_error(capsys):
+    with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+        bench.bench_command(None, "cuda", True, "unused")
+    assert main(["bench", "--device", "cuda", "--quick"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_cli_rejects_unknown_technique_before_loading(capsys):
+    assert main(["bench", "--only", "rtn,teleport"]) == 2
+    assert "Unknown technique" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--watts", "lots"])
