@@ -309,23 +309,29 @@ def bench_structured(model, tokenizer, device, settings: BenchSettings) -> list[
     return [row]
 
 
-def bench_distilled_student(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
-    """The student notebook 06 saved at `distillation.student_dir()`, if it is there and fits this model."""
+def saved_student(model, tokenizer, device) -> tuple[nn.Module | None, str]:
+    """The student notebook 06 saved at `distillation.student_dir()` if it is there and fits this model,
+    else None and the reason."""
     from .models import load_model
 
     path = D.student_dir()
-    fmt = str(model.dtype).replace("torch.", "")
     if not (path / "config.json").exists():
-        return [result_row("distillation", "saved student", fmt,
-                           notes=f"not measured: no student at <cache>/{path.name}; run notebook 06 first")]
+        return None, f"no student at <cache>/{path.name}; run notebook 06 first"
     student, student_tok = load_model(str(path), device=device, dtype=model.dtype)
     same = (student.config.hidden_size == model.config.hidden_size
             and student.config.vocab_size == model.config.vocab_size
             and student_tok.get_vocab() == tokenizer.get_vocab())
     if not same:
-        del student
-        return [result_row("distillation", "saved student", fmt,
-                           notes="not measured: the saved student was distilled from another model")]
+        return None, "the saved student was distilled from another model"
+    return student, ""
+
+
+def bench_distilled_student(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """The student notebook 06 saved at `distillation.student_dir()`, if it is there and fits this model."""
+    fmt = str(model.dtype).replace("torch.", "")
+    student, why_not = saved_student(model, tokenizer, device)
+    if student is None:
+        return [result_row("distillation", "saved student", fmt, notes=f"not measured: {why_not}")]
     row = measure_model(student, tokenizer, settings, "distillation",
                         f"student, {student.config.num_hidden_layers} of {model.config.num_hidden_layers} layers",
                         fmt, "notebook 06's student (a short distillation run)")
@@ -379,18 +385,28 @@ def bench_kv_cache(model, tokenizer, device, settings: BenchSettings) -> list[di
 
 
 def bench_speculative(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
-    """Greedy speculative decoding with a draft of the first 2/3 of the layers (shares every weight)."""
+    """Greedy speculative decoding with two drafts: the first 2/3 of the layers (shares every weight), and
+    notebook 06's distilled student when it is saved."""
     prompt = bench_prompt(tokenizer, settings, device)
     n, fmt = settings.loop_new_tokens, str(model.dtype).replace("torch.", "")
     layers = model.config.num_hidden_layers
-    draft = dec.truncated_draft(model, max(1, round(2 * layers / 3)))
     plain, _ = dec.generate_with_cache(model, prompt, n)
-    spec, spec_tps = best_of(lambda: dec.speculative_generate(model, draft, prompt, n, k=3),
-                             lambda r: len(r.tokens) / r.seconds, settings)
-    return [result_row(
-        "decoding", f"speculative, {draft.config.num_hidden_layers}-layer draft, k=3", fmt, model, None, spec_tps,
-        notes=(f"our loop like the KV cache row; output identical to greedy: {spec.tokens == plain.tokens}; "
-               f"acceptance {spec.acceptance_rate:.2f}, {spec.tokens_per_target_pass:.2f} tokens per target pass"))]
+    student, why_not = saved_student(model, tokenizer, device)
+    drafts = {"truncated": dec.truncated_draft(model, max(1, round(2 * layers / 3)))}
+    if student is not None:
+        drafts["distilled student"] = student
+    rows = []
+    for kind, draft in drafts.items():
+        spec, spec_tps = best_of(lambda: dec.speculative_generate(model, draft, prompt, n, k=3),
+                                 lambda r: len(r.tokens) / r.seconds, settings)
+        rows.append(result_row(
+            "decoding", f"speculative, {draft.config.num_hidden_layers}-layer {kind} draft, k=3", fmt, model, None,
+            spec_tps,
+            notes=(f"our loop like the KV cache row; output identical to greedy: {spec.tokens == plain.tokens}; "
+                   f"acceptance {spec.acceptance_rate:.2f}, {spec.tokens_per_target_pass:.2f} tokens per target pass")))
+    if student is None:
+        rows[0]["notes"] += f"; no distilled-student draft: {why_not}"
+    return rows
 
 
 def bench_serving(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
