@@ -93,9 +93,6 @@ class CommCounter:
         self.payload[op] += nbytes
         self.calls[op] += 1
 
-    def total(self) -> int:
-        return sum(self.payload.values())
-
     def as_dict(self) -> dict:
         return {"payload": dict(self.payload), "calls": dict(self.calls)}
 
@@ -108,19 +105,21 @@ class CommCounter:
         """
         import torch.distributed as dist
 
-        full_size = {
-            "all_reduce": lambda a, k: a[0] if a else k["tensor"],
-            "all_gather_single": lambda a, k: a[0] if a else k["output_tensor"],
-            "all_gather_into_tensor": lambda a, k: a[0] if a else k["output_tensor"],
-            "reduce_scatter_single": lambda a, k: a[1] if len(a) > 1 else k["input"],
-            "reduce_scatter_tensor": lambda a, k: a[1] if len(a) > 1 else k["input"],
+        # name in torch.distributed -> (kind of collective, the argument holding the full-size tensor)
+        watched = {
+            "all_reduce": ("all_reduce", 0, "tensor"),
+            "all_gather_single": ("all_gather", 0, "output_tensor"),
+            "all_gather_into_tensor": ("all_gather", 0, "output_tensor"),
+            "reduce_scatter_single": ("reduce_scatter", 1, "input"),
+            "reduce_scatter_tensor": ("reduce_scatter", 1, "input"),
         }
-        originals = {name: getattr(dist, name) for name in full_size if hasattr(dist, name)}
+        originals = {name: getattr(dist, name) for name in watched if hasattr(dist, name)}
 
         def wrap(name: str, fn: Callable) -> Callable:
+            op, position, keyword = watched[name]
+
             def counted(*args, **kwargs):
-                self.add(name.split("_single")[0].split("_into")[0].replace("_tensor", ""),
-                         tensor_nbytes(full_size[name](args, kwargs)))
+                self.add(op, tensor_nbytes(args[position] if len(args) > position else kwargs[keyword]))
                 return fn(*args, **kwargs)
             return counted
 
@@ -132,7 +131,7 @@ class CommCounter:
             for name, fn in originals.items():
                 setattr(dist, name, fn)
 
-    def ddp_hook(self, process_group=None) -> Callable:
+    def ddp_hook(self) -> Callable:
         """A DDP communication hook that records each gradient bucket, then all-reduces it as DDP would."""
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -520,11 +519,10 @@ def _isend(tensor: torch.Tensor, peer: int, counter: CommCounter | None):
 def train_steps(model: nn.Module, batches: torch.Tensor, lr: float = 1e-4, rank: int = 0, world_size: int = 1):
     """AdamW on each global batch of `batches` (steps, B, t) in turn, using this rank's B / world_size rows.
 
-    Returns (losses, first_grads, step_times, optimizer): the global mean loss of each step (all-reduced when
-    world_size > 1), the gradients after the first backward (FSDP shards gathered), and seconds per step.
+    Returns (losses, first_grads, step_times, optimizer): this rank's loss at each step (`mean_over_ranks` turns
+    them into the global batch's), the gradients after the first backward (FSDP shards gathered), and seconds
+    per step.
     """
-    import torch.distributed as dist
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     losses, times, first_grads = [], [], None
     model.train()
@@ -538,11 +536,19 @@ def train_steps(model: nn.Module, batches: torch.Tensor, lr: float = 1e-4, rank:
             first_grads = {n: full_tensor(p.grad).clone() for n, p in model.named_parameters()}
         optimizer.step()
         times.append(time.perf_counter() - start)
-        loss = loss.detach().clone()
-        if world_size > 1:
-            dist.all_reduce(loss)
-        losses.append(loss.item() / world_size)
+        losses.append(loss.item())
     return losses, first_grads, times, optimizer
+
+
+def mean_over_ranks(values: Sequence[float]) -> list[float]:
+    """Average each value over all ranks (one all-reduce); the values themselves in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -556,6 +562,19 @@ def max_relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
 
 
 # ---------------------------------------------------------------- launching torchrun from a notebook or test
+
+
+def worker_device(world_size: int, local_rank: int = 0) -> torch.device:
+    """The device a rank trains on: its own GPU when there is one GPU per rank, else the CPU (NCCL cannot put
+    two ranks on one GPU, so a 1-GPU machine runs the 2-process examples on CPU with gloo)."""
+    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL for GPUs, gloo for CPUs."""
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def launch(mode: str, out: str | Path, nproc: int = 2, args: Sequence[str] = (), timeout: float = 300) -> dict:
@@ -575,7 +594,10 @@ def launch(mode: str, out: str | Path, nproc: int = 2, args: Sequence[str] = (),
         raise RuntimeError(f"torchrun {mode} did not finish within {timeout} s.") from exc
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun {mode} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    result["command"] = " ".join(["torchrun", *cmd[3:]])
+    result["log"] = proc.stdout
+    return result
 
 
 # ---------------------------------------------------------------- the cost model

@@ -33,13 +33,13 @@ from cookbook.measure import PeakMemory, time_function
 
 
 def setup() -> tuple[int, int, torch.device]:
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
+    """Join the process group: NCCL with one GPU per rank when there are enough GPUs, else gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = P.worker_device(world, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    return rank, dist.get_world_size(), device
+    dist.init_process_group(P.backend_for(device))
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def load(path: str, device: torch.device):
@@ -73,14 +73,14 @@ def run_data_parallel(args, rank, world, device, mode: str) -> dict:
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-        with counter.watch_collectives(), PeakMemory() as mem:
-            losses, grads, times, opt = P.train_steps(model, batches, args.lr, rank, world)
+        with counter.watch_collectives(), PeakMemory() as mem:  # (DTensor.full_tensor uses functional
+            losses, grads, times, opt = P.train_steps(model, batches, args.lr, rank, world)  # collectives: not counted)
     held = P.state_bytes(model, opt)
     final = {clean_name(n): P.full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save({"first_grads": {clean_name(n): g for n, g in grads.items()}, "final_params": final},
                    Path(args.out).with_suffix(".pt"))
-    return {"losses": losses, "step_s": statistics.median(times[1:] or times), "state_bytes": held,
+    return {"losses": P.mean_over_ranks(losses), "step_s": statistics.median(times[1:] or times), "state_bytes": held,
             "comm": counter.as_dict(), "comm_steps": len(batches), "rss_peak_bytes": mem.cpu_peak_bytes}
 
 
@@ -103,8 +103,9 @@ def run_tensor_parallel(args, rank, world, device) -> dict:
     forward = counter.as_dict()
     loss = P.causal_lm_loss(logits, ids)
     loss.backward()
-    backward = {k: v - forward["payload"].get(k, 0) for k, v in counter.payload.items()}
+    backward = {k: v - forward["payload"].get(k, 0) for k, v in counter.payload.items()}  # the f's in backward
     for p in partial:  # replicated weights that only saw this rank's heads: sum their gradients
+        counter.add("all_reduce_partial_grads", P.tensor_nbytes(p.grad))
         dist.all_reduce(p.grad)
     grad_err = 0.0
     for name, module in model.named_modules():
@@ -117,6 +118,7 @@ def run_tensor_parallel(args, rank, world, device) -> dict:
     return {"logits_max_abs_diff": (logits.detach() - ref_logits).abs().max().item(),
             "logits_max_abs": ref_logits.abs().max().item(), "grad_max_rel_error": grad_err,
             "forward_comm": forward["payload"], "forward_calls": forward["calls"], "backward_comm": backward,
+            "partial_grad_bytes": counter.payload["all_reduce_partial_grads"],
             "layers": len(model.model.layers), "tokens": ids.numel(), "hidden": model.config.hidden_size,
             "layer_param_bytes": layer_bytes, "forward_s_unsharded": t_full, "forward_s_tp": t_tp}
 
@@ -155,7 +157,8 @@ def run_pipeline_parallel(args, rank, world, device) -> dict:
     grads = {names[id(p)]: p.grad for p in stage.parameters()}
     library["grad_max_rel_error"] = P.max_relative_error(grads, ref_grads)
     per_rank = [None] * world
-    dist.all_gather_object(per_rank, {"runs": runs, "library": library, "layers": len(stage.layers)})
+    dist.all_gather_object(per_rank, {"runs": runs, "library": library, "layers": len(stage.layers),
+                                      "param_bytes": sum(P.tensor_nbytes(p) for p in stage.parameters())})
     return {"ref_loss": ref_loss.item(), "stages": per_rank, "tokens": batch.numel(), "hidden": d}
 
 
@@ -174,6 +177,17 @@ def library_gpipe(stage, rank, world, batch, m, device) -> dict:
     else:
         schedule.step()
     return {"microbatches": m, "loss": sum(x.item() for x in losses) / m if losses else 0.0}
+
+
+def summary(result: dict) -> str:
+    """One line of what the run measured, printed by rank 0."""
+    if result["mode"] in ("ddp", "fsdp"):
+        return "loss per step " + " -> ".join(f"{x:.4f}" for x in result["losses"])
+    if result["mode"] == "tp":
+        return (f"max |logits - unsharded| {result['logits_max_abs_diff']:.1e}, "
+                f"all-reduced forward {sum(result['forward_comm'].values()) / 2**20:.1f} MiB")
+    runs = result["stages"][-1]["runs"]
+    return f"{len(runs)} pipeline steps, last-stage losses " + ", ".join(f"{r['loss']:.4f}" for r in runs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     result["per_rank"] = per_rank
     if rank == 0:
         Path(args.out).write_text(json.dumps(result, indent=1))
+        print(f"[{args.mode}] {world} processes, {result['backend']} on {device.type}, "
+              f"{result['wall_s']:.1f} s: {summary(result)}; wrote {args.out}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

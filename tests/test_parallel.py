@@ -157,7 +157,7 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_data_parallel_matches_one_process(tiny_run, mode):
     folder, args, ref = tiny_run
-    result = P.launch(mode, folder / f"{mode}.json", args=args, timeout=60)
+    result = P.launch(mode, folder / f"{mode}.json", args=args, timeout=120)
     saved = torch.load(folder / f"{mode}.pt")
     assert result["world_size"] == 2 and result["backend"] == ("nccl" if torch.cuda.is_available() else "gloo")
     assert result["losses"] == pytest.approx(ref["losses"], rel=1e-5)
@@ -177,7 +177,7 @@ def test_data_parallel_matches_one_process(tiny_run, mode):
 
 def test_tensor_parallel_matches_one_process(tiny_run):
     folder, args, _ = tiny_run
-    r = P.launch("tp", folder / "tp.json", args=args, timeout=60)
+    r = P.launch("tp", folder / "tp.json", args=args, timeout=120)
     assert r["logits_max_abs_diff"] < 1e-5 * max(1.0, r["logits_max_abs"])
     assert r["grad_max_rel_error"] < 1e-4
     per_layer = 2 * r["tokens"] * r["hidden"] * 4  # two all-reduces of (B, t, d) fp32 per layer
@@ -186,7 +186,7 @@ def test_tensor_parallel_matches_one_process(tiny_run):
 
 def test_pipeline_matches_one_process(tiny_run):
     folder, args, _ = tiny_run
-    r = P.launch("pp", folder / "pp.json", args=[*args, "--microbatches", "1,4", "--repeats", "1"], timeout=60)
+    r = P.launch("pp", folder / "pp.json", args=[*args, "--microbatches", "1,4", "--repeats", "1"], timeout=120)
     last = r["stages"][-1]
     for run in last["runs"]:
         assert run["loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
