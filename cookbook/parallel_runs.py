@@ -76,12 +76,16 @@ def run_data_parallel(args, rank, world, device, mode: str) -> dict:
         with counter.watch_collectives(), PeakMemory() as mem:  # (DTensor.full_tensor uses functional
             losses, grads, times, opt = P.train_steps(model, batches, args.lr, rank, world)  # collectives: not counted)
     held = P.state_bytes(model, opt)
+    n = sum(P.full_tensor(p).numel() if hasattr(p, "full_tensor") else p.numel() for p in model.parameters())
+    flat = torch.zeros(n, device=device)  # as many floats as all gradients: time one bare all-reduce of them
+    allreduce_s = time_function(lambda: dist.all_reduce(flat), warmup=1, repeats=3, device=device).median_s
     final = {clean_name(n): P.full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save({"first_grads": {clean_name(n): g for n, g in grads.items()}, "final_params": final},
                    Path(args.out).with_suffix(".pt"))
     return {"losses": P.mean_over_ranks(losses), "step_s": statistics.median(times[1:] or times), "state_bytes": held,
-            "comm": counter.as_dict(), "comm_steps": len(batches), "rss_peak_bytes": mem.cpu_peak_bytes}
+            "comm": counter.as_dict(), "comm_steps": len(batches), "rss_peak_bytes": mem.cpu_peak_bytes,
+            "allreduce_all_grads_s": allreduce_s}
 
 
 def run_tensor_parallel(args, rank, world, device) -> dict:
