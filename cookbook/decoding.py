@@ -183,10 +183,12 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
               softcap: float | None = None, fused: bool = True) -> torch.Tensor:
-    """Grouped-query attention: q (b, h, t, d), k/v (b, g, s, d), mask (t, s) bool -> (b, h, t, d).
+    """Grouped-query attention: q (b, h, t, d), k/v (b, g, s, d) -> (b, h, t, d).
 
-    The fused path is PyTorch's scaled_dot_product_attention; the manual path beside it does the same
-    math step by step (and is the only one that supports logit soft-capping).
+    `mask` broadcasts to (b, h, t, s): bool (True = may attend) or additive float (0 or a large negative
+    number, which keeps fully-masked padding rows finite). The fused path is PyTorch's
+    scaled_dot_product_attention; the manual path beside it does the same math step by step (and is the
+    only one that supports logit soft-capping).
     """
     if fused and softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
@@ -196,8 +198,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     scores = (q @ k.transpose(-2, -1)) * scale  # (b, h, t, s)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # (b, h, t, s)
     return probs @ v  # (b, h, t, d)
 
@@ -254,9 +258,12 @@ def decoder_layer(layer: nn.Module, x: torch.Tensor, ctx: StepContext, layer_typ
                   cache: KVCache | None, index: int, fused: bool = True) -> torch.Tensor:
     """One Gemma 3 block: sandwich norms around attention and around the GELU-tanh MLP. (b, t, D) -> (b, t, D)."""
     h = attention_block(layer.self_attn, layer.input_layernorm(x), ctx, layer_type, cache, index, fused)
-    x = x + layer.post_attention_layernorm(h)
-    h = layer.mlp(layer.pre_feedforward_layernorm(x))
-    return x + layer.post_feedforward_layernorm(h)  # (b, t, D)
+    return mlp_residual(layer, x + layer.post_attention_layernorm(h))
+
+
+def mlp_residual(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The second half of a Gemma 3 block: x + post_norm(MLP(pre_norm(x))). (b, t, D) -> (b, t, D)."""
+    return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
 
 
 def _check_model(model) -> None:

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import decoding as dec
+
 HIGH, LOW = 0, 1
 PRIORITY_NAMES = {"high": HIGH, "low": LOW}
 
@@ -157,16 +159,6 @@ class KVCache:
 # ---------------------------------------------------------------- the ragged batched forward
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding: x (b, heads, n, hd), cos/sin (b, n, hd)."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
-
-
 def positions(past: torch.Tensor, n_new: torch.Tensor, width: int, total_width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token positions of the left-padded queries (b, width) and keys (b, total_width); padding gets -1."""
     col = torch.arange(width)
@@ -193,20 +185,6 @@ def attention_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
     return bias[:, None]  # (b, 1, n, T)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
-           fused: bool = True, softcap: float | None = None) -> torch.Tensor:
-    """Grouped-query attention: q (b, H, n, hd), k/v (b, KV, T, hd), bias (b, 1, n, T) -> (b, H, n, hd)."""
-    if fused and softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (b, H, T, hd)
-    scores = (q @ k.transpose(-2, -1)) * scale  # (b, H, n, T)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    weights = torch.softmax((scores + bias).float(), dim=-1).to(q.dtype)  # (b, H, n, T)
-    return weights @ v  # (b, H, n, hd)
-
-
 def _attention_block(attn, h: torch.Tensor, cos, sin, bias, caches: Sequence[KVCache], layer: int,
                      n_new: list[int], past: list[int], total_width: int, fused: bool) -> torch.Tensor:
     b, n, _ = h.shape
@@ -214,7 +192,8 @@ def _attention_block(attn, h: torch.Tensor, cos, sin, bias, caches: Sequence[KVC
     q = attn.q_proj(h).view(b, n, -1, hd).transpose(1, 2)  # (b, H, n, hd)
     k = attn.k_proj(h).view(b, n, kvh, hd).transpose(1, 2)  # (b, KV, n, hd)
     v = attn.v_proj(h).view(b, n, kvh, hd).transpose(1, 2)  # (b, KV, n, hd)
-    q, k = apply_rope(attn.q_norm(q), cos, sin), apply_rope(attn.k_norm(k), cos, sin)
+    cos, sin = cos[:, None], sin[:, None]  # (b, 1, n, hd): one position per sequence and token
+    q, k = dec.apply_rope(attn.q_norm(q), cos, sin), dec.apply_rope(attn.k_norm(k), cos, sin)
     keys = h.new_zeros(b, kvh, total_width, hd)  # (b, KV, T, hd), left-padded histories
     values = torch.zeros_like(keys)
     for i, cache in enumerate(caches):
@@ -223,7 +202,7 @@ def _attention_block(attn, h: torch.Tensor, cos, sin, bias, caches: Sequence[KVC
         cache.values[layer, :, start:end] = v[i, :, n - n_new[i]:]
         keys[i, :, total_width - end:] = cache.keys[layer, :, :end]
         values[i, :, total_width - end:] = cache.values[layer, :, :end]
-    out = attend(q, keys, values, bias, attn.scaling, fused, attn.config.attn_logit_softcapping)  # (b, H, n, hd)
+    out = dec.attention(q, keys, values, bias, attn.scaling, attn.config.attn_logit_softcapping, fused)  # (b, H, n, hd)
     return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))  # (b, n, d)
 
 
@@ -260,8 +239,7 @@ def forward_tokens(model, tokens: Sequence[Sequence[int]], caches: Sequence[KVCa
         lt = cfg.layer_types[idx]
         h = _attention_block(layer.self_attn, layer.input_layernorm(x), *rope[lt], bias[lt], caches, idx,
                              n_new, past, total_width, fused)
-        x = x + layer.post_attention_layernorm(h)
-        x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))  # (b, n, d)
+        x = dec.mlp_residual(layer, x + layer.post_attention_layernorm(h))  # (b, n, d)
     for c, n in zip(caches, n_new):
         c.length += n
     logits = model.lm_head(inner.norm(x[:, -1]))  # (b, vocab): the last column is every sequence's last token
