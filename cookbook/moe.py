@@ -483,7 +483,9 @@ def train_moe(model: nn.Module, batches: Sequence[FrozenPrefix], lr: float = 1e-
         raise ValueError("The model has no MoE layers: call upcycle_mlps(model, ...) first.")
     lowest = min(int(n.split(".layers.")[1].split(".")[0]) for n in names)
     if any(b.start > lowest for b in batches):
-        raise ValueError(f"The batches start above MoE layer {lowest}; build them with frozen_prefix(..., start<={lowest}).")
+        raise ValueError(
+            f"The batches start above MoE layer {lowest}; build them with frozen_prefix(..., start<={lowest})."
+        )
     layers = list(names.values())
     for p in model.parameters():
         p.requires_grad_(False)
@@ -610,7 +612,8 @@ def _copy_into_hf_block(layer: MoEFeedForward, block: nn.Module) -> None:
     """transformers v5 stores experts fused: gate_up_proj (E, 2f, d) = [gate; up], down_proj (E, d, f)."""
     experts = block.experts
     if tuple(experts.gate_up_proj.shape) != (layer.num_experts, 2 * layer.experts.intermediate_size, layer.hidden_size):
-        raise ValueError(f"Unexpected fused expert shape {tuple(experts.gate_up_proj.shape)} in {type(block).__name__}.")
+        shape = tuple(experts.gate_up_proj.shape)
+        raise ValueError(f"Unexpected fused expert shape {shape} in {type(block).__name__}.")
     with torch.no_grad():
         block.gate.weight.copy_(layer.router.weight)  # (E, d)
         experts.gate_up_proj.copy_(torch.cat([layer.experts.gate_proj, layer.experts.up_proj], dim=1))  # (E, 2f, d)
