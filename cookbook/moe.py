@@ -162,6 +162,13 @@ def capacity_needed(counts: torch.Tensor) -> float:
     return (counts.max() / counts.mean()).item()
 
 
+def drop_rate_from_counts(counts: torch.Tensor, top_k: int, capacity_factor: float | None) -> float:
+    """Share of assignments a capacity factor would drop, from the routed tokens per expert (E,)."""
+    total = int(counts.sum())
+    capacity = expert_capacity(total // top_k, len(counts), top_k, capacity_factor)
+    return ((counts - capacity).clamp(min=0).sum() / total).item()
+
+
 def group_expert_shares(experts: torch.Tensor, groups: torch.Tensor, num_groups: int, num_experts: int) -> torch.Tensor:
     """Joint counts of (token group, expert) over all assignments: experts (n, k), groups (n,) -> (G, E)."""
     n, k = experts.shape

@@ -138,6 +138,14 @@ def test_dropped_tokens_get_zero_and_stats_report_them():
     assert torch.equal(out[dropped], torch.zeros_like(out[dropped]))
     assert stats.drop_rate == pytest.approx(dropped.float().mean().item())
     assert stats.tokens_fully_dropped == pytest.approx(stats.drop_rate)
+    assert moe.drop_rate_from_counts(stats.routed, 1, 0.25) == pytest.approx(stats.drop_rate)
+
+
+def test_drop_rate_from_counts_matches_the_layer_for_top2():
+    layer = _layer(num_experts=4, top_k=2, capacity_factor=0.8)
+    layer(torch.randn(50, 16, generator=torch.Generator().manual_seed(7)))
+    assert layer.last.drop_rate > 0
+    assert moe.drop_rate_from_counts(layer.last.routed, 2, 0.8) == pytest.approx(layer.last.drop_rate)
 
 
 def test_gradients_reach_router_and_experts():
