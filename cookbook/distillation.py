@@ -206,7 +206,10 @@ def distillation_loss(
                          f"{tuple(student_logits.shape[:-1])}.")
     ce = F.cross_entropy(_upcast(student_logits).flatten(0, 1), labels.flatten(), ignore_index=-100)
     keep = labels != -100  # (b, t) positions that count
-    kl = kd_kl_loss_topk(student_logits[keep], top_values[keep], top_indices[keep], temperature)
+    if bool(keep.all()):  # no masked position: skip the (n, V) copy that boolean indexing makes
+        kl = kd_kl_loss_topk(student_logits, top_values, top_indices, temperature)
+    else:
+        kl = kd_kl_loss_topk(student_logits[keep], top_values[keep], top_indices[keep], temperature)
     return alpha * kl + (1 - alpha) * ce, kl, ce
 
 
