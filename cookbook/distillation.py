@@ -8,7 +8,8 @@ Three from-scratch pieces, each small enough to read in one sitting:
   next-token distributions (on the teacher's top-k tokens, cached once), mixed with the usual
   cross-entropy on the real next token.
 * ALBERT-style savings: cross-layer parameter sharing (several layers use one set of weights,
-  one storage) and a factorized (low-rank) embedding that is tied to the output layer.
+  one storage; `repeat_layers` runs each trained layer several times) and a factorized (low-rank)
+  embedding that is tied to the output layer (`embedding_spectrum` decomposes it once for every rank).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,7 +206,10 @@ def distillation_loss(
                          f"{tuple(student_logits.shape[:-1])}.")
     ce = F.cross_entropy(_upcast(student_logits).flatten(0, 1), labels.flatten(), ignore_index=-100)
     keep = labels != -100  # (b, t) positions that count
-    kl = kd_kl_loss_topk(student_logits[keep], top_values[keep], top_indices[keep], temperature)
+    if bool(keep.all()):  # no masked position: skip the (n, V) copy that boolean indexing makes
+        kl = kd_kl_loss_topk(student_logits, top_values, top_indices, temperature)
+    else:
+        kl = kd_kl_loss_topk(student_logits[keep], top_values[keep], top_indices[keep], temperature)
     return alpha * kl + (1 - alpha) * ce, kl, ce
 
 
@@ -352,24 +357,123 @@ def consecutive_groups(n_layers: int, group_size: int) -> list[list[int]]:
     return [list(range(s, s + group_size)) for s in range(0, n_layers, group_size)]
 
 
+def repeat_layers(model: nn.Module, uses: int) -> nn.Module:
+    """Deepen `model` in place: each decoder layer runs `uses` times in a row, all uses on one set of weights.
+
+    6 layers with uses=2 become 12 layers (0, 0, 1, 1, ...) holding 6 layers of unique weights: the
+    ALBERT trade (depth without parameters) applied to a model whose layers are already trained.
+    Every use is its own module (own `layer_idx` and KV-cache slot) with the source layer's attention
+    type; the config's layer count and layer types follow.
+    """
+    if isinstance(uses, bool) or not isinstance(uses, int) or uses < 1:
+        raise ValueError(f"uses must be a positive integer (how often each layer runs), got {uses!r}.")
+    decoder = _decoder(model)
+    old = list(decoder.layers)
+    decoder.layers = nn.ModuleList(
+        _renumbered(copy.deepcopy(layer), i * uses + j) for i, layer in enumerate(old) for j in range(uses)
+    )
+    for config in {id(c): c for c in (model.config, decoder.config)}.values():
+        config.num_hidden_layers = len(decoder.layers)
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = [t for t in config.layer_types for _ in range(uses)]
+    return share_layer_parameters(model, consecutive_groups(len(decoder.layers), uses))
+
+
+def layer_storage_groups(model: nn.Module) -> list[list[int]]:
+    """Decoder layers grouped by the storage their weights live in: [[0, 1], [2, 3], ...] when pairs share.
+
+    Read from the tensors themselves (`data_ptr` of every parameter), not from how the model was built;
+    an unshared model gives one group per layer.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, layer in enumerate(_decoder(model).layers):
+        key = tuple(p.data_ptr() for p in layer.parameters())
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def matmul_flops_per_token(model: nn.Module) -> int:
+    """Forward FLOPs per token in the model's matrix multiplies: 2 x multiply-adds, every use counted.
+
+    A weight shared by two layers is multiplied twice, so it counts twice here (but once in
+    `count_parameters`). Attention scores (which grow with the context), norms and activations
+    are left out; the embedding lookup is free, the tied output layer is a (V, H) matmul.
+    """
+    macs = 0
+    for module in model.modules():  # distinct modules: each use of a shared weight is its own module
+        if isinstance(module, nn.Linear):
+            macs += module.in_features * module.out_features
+        elif isinstance(module, (FactorizedEmbedding, FactorizedLMHead)):
+            macs += module.macs_per_token()
+    return 2 * macs
+
+
 # ---------------------------------------------------------------- ALBERT: factorized embedding
+
+
+@dataclass
+class EmbeddingSpectrum:
+    """An embedding (V, H) in the basis of its right singular vectors, computed once for every rank.
+
+    coords: (V, H) = weight @ basis.T, columns ordered by singular value, largest first; basis: (H, H)
+    right singular vectors as rows; singular_values: (H,). Rank-r factors are slices: coords[:, :r]
+    and basis[:r] (the Eckart-Young optimum, the same as a truncated SVD).
+    """
+
+    coords: torch.Tensor
+    basis: torch.Tensor
+    singular_values: torch.Tensor
+
+    @property
+    def hidden_size(self) -> int:
+        return self.basis.shape[0]
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (V, r) and B (r, H) with A @ B the best rank-r approximation of the embedding."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.hidden_size:
+            raise ValueError(f"rank must be an integer between 1 and the hidden size {self.hidden_size}, got {rank!r}.")
+        return self.coords[:, :rank].contiguous(), self.basis[:rank].contiguous()
+
+    def energy(self, rank: int) -> float:
+        """Share of the embedding's squared Frobenius norm that rank-r factors keep."""
+        power = self.singular_values.double() ** 2
+        return float(power[:rank].sum() / power.sum())
+
+    def relative_error(self, rank: int) -> float:
+        """||W - A @ B||_F / ||W||_F of the rank-r factors: sqrt(1 - energy)."""
+        return math.sqrt(max(1.0 - self.energy(rank), 0.0))
+
+
+def embedding_spectrum(weight: torch.Tensor) -> EmbeddingSpectrum:
+    """Decompose an embedding (V, H) once, so factors of any rank are slices (see `EmbeddingSpectrum`).
+
+    Uses the eigenvectors of the small (H, H) Gram matrix weight^T weight instead of an SVD of the
+    (V, H) matrix: the same singular vectors, far cheaper when V >> H. Costs two (V, H) x (H, H)
+    matmuls and holds a (V, H) float32 copy.
+    """
+    w = weight.detach().float()  # (V, H)
+    gram = (w.T @ w).double()  # (H, H)
+    eigvals, eigvecs = torch.linalg.eigh(gram)  # ascending
+    basis = eigvecs.flip(-1).T.float().contiguous()  # (H, H) rows = right singular vectors, largest first
+    singular_values = eigvals.flip(-1).clamp_min(0).sqrt().float()  # (H,)
+    return EmbeddingSpectrum(w @ basis.T, basis, singular_values)  # coords (V, H)
 
 
 def low_rank_embedding_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-r factors of an embedding (V, H): A (V, r) and B (r, H) with A @ B ~ weight.
 
-    Uses the eigenvectors of the small (H, H) Gram matrix weight^T weight instead of an SVD of the
-    (V, H) matrix: the top-r right singular vectors R (H, r) give B = R^T and A = weight @ R, the
-    Eckart-Young optimum (same result as a truncated SVD, far cheaper when V >> H).
+    The Eckart-Young optimum, the same result as a truncated SVD (see `embedding_spectrum`; use it
+    directly to try several ranks on one decomposition).
     """
-    vocab, hidden = weight.shape
-    if not 1 <= rank <= hidden:
-        raise ValueError(f"rank must be between 1 and the hidden size {hidden}, got {rank}.")
-    w = weight.detach().float()
-    gram = (w.T @ w).double()  # (H, H)
-    _, eigvecs = torch.linalg.eigh(gram)  # ascending eigenvalues
-    right = eigvecs[:, -rank:].flip(-1).float()  # (H, r) top-r right singular vectors
-    return (w @ right).contiguous(), right.T.contiguous()  # (V, r), (r, H)
+    hidden = weight.shape[1]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= hidden:
+        raise ValueError(f"rank must be an integer between 1 and the hidden size {hidden}, got {rank!r}.")
+    return embedding_spectrum(weight).factors(rank)
+
+
+def factorized_parameter_count(vocab_size: int, hidden_size: int, rank: int) -> int:
+    """Parameters of a rank-r factorized (tied) embedding: V*r + r*H, against V*H unfactorized."""
+    return vocab_size * rank + rank * hidden_size
 
 
 class FactorizedEmbedding(nn.Module):
@@ -384,6 +488,10 @@ class FactorizedEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.a) @ self.b * self.scale  # (b, t, r) @ (r, H) -> (b, t, H)
 
+    def macs_per_token(self) -> int:
+        """Multiply-adds per token: the lookup is free, then one (r) x (r, H) product."""
+        return self.b.numel()
+
 
 class FactorizedLMHead(nn.Module):
     """The tied output layer of a factorized embedding: logits = (h @ B^T) @ A^T, two thin matmuls."""
@@ -395,14 +503,40 @@ class FactorizedLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return (hidden @ self.b.T) @ self.a.T  # (b, t, H) -> (b, t, r) -> (b, t, V)
 
+    def macs_per_token(self) -> int:
+        """Multiply-adds per token: H*r then r*V (against H*V for the unfactorized output layer)."""
+        return self.b.numel() + self.a.numel()
 
-def factorize_embedding(model: nn.Module, rank: int) -> nn.Module:
-    """Swap the model's tied embedding/output layer for rank-`rank` factors (in place; returns model)."""
+
+def factorize_embedding(model: nn.Module, rank: int, spectrum: EmbeddingSpectrum | None = None) -> nn.Module:
+    """Swap the model's tied embedding/output layer for rank-`rank` factors (in place; returns model).
+
+    Pass the `embedding_spectrum` of the model's embedding to try several ranks on one decomposition.
+    The factors take the embedding's dtype and device.
+    """
     decoder = _decoder(model)
     old = decoder.embed_tokens
-    a, b = low_rank_embedding_factors(old.weight, rank)
+    if spectrum is None:
+        spectrum = embedding_spectrum(old.weight)
+    elif spectrum.coords.shape != old.weight.shape:
+        raise ValueError(f"The spectrum is of a {tuple(spectrum.coords.shape)} embedding but the model's is "
+                         f"{tuple(old.weight.shape)}: compute it with embedding_spectrum(model's embedding weight).")
+    a, b = spectrum.factors(rank)
     scale = float(getattr(old, "scalar_embed_scale", 1.0))
-    embedding = FactorizedEmbedding(a, b, scale).to(old.weight.device)
+    like = dict(device=old.weight.device, dtype=old.weight.dtype)
+    embedding = FactorizedEmbedding(a.to(**like), b.to(**like), scale)
     decoder.embed_tokens = embedding
     model.lm_head = FactorizedLMHead(embedding)
     return model
+
+
+@contextmanager
+def factorized_embedding(model: nn.Module, rank: int, spectrum: EmbeddingSpectrum | None = None) -> Iterator[nn.Module]:
+    """`with factorized_embedding(model, 64): ...` runs the block on rank-64 factors, then puts the model's
+    own embedding and output layer back (no copy of the rest of the model)."""
+    decoder = _decoder(model)
+    embedding, head = decoder.embed_tokens, model.lm_head
+    try:
+        yield factorize_embedding(model, rank, spectrum)
+    finally:
+        decoder.embed_tokens, model.lm_head = embedding, head

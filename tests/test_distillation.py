@@ -296,3 +296,88 @@ def test_full_rank_factorized_embedding_keeps_the_model_and_ties_the_output():
     assert model.lm_head.a is model.model.embed_tokens.a  # tied: one storage
     small = D.factorize_embedding(tiny_model(num_layers=2), rank=8)
     assert count_parameters(small) == count_parameters(tiny_model(num_layers=2)) - 512 * 64 + 512 * 8 + 8 * 64
+
+
+def test_repeat_layers_runs_each_layer_twice_on_one_storage():
+    model = D.make_student(tiny_model(num_layers=4), [1, 3])
+    unique_before = count_parameters(model)
+    types_before = list(model.config.layer_types)
+    D.repeat_layers(model, 2)
+    layers = model.model.layers
+    assert model.config.num_hidden_layers == len(layers) == 4
+    assert model.config.layer_types == [t for t in types_before for _ in range(2)]
+    assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2, 3]
+    assert layers[0].mlp.up_proj.weight.data_ptr() == layers[1].mlp.up_proj.weight.data_ptr()
+    assert D.layer_storage_groups(model) == [[0, 1], [2, 3]]
+    assert count_parameters(model) == unique_before  # deeper, not bigger
+    ids = torch.randint(3, 512, (1, 6), generator=torch.Generator().manual_seed(6))
+    kwargs = dict(max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():  # four KV-cache slots, one per use
+        assert torch.equal(model.generate(ids, use_cache=True, **kwargs), model.generate(ids, use_cache=False, **kwargs))
+    with pytest.raises(ValueError, match="uses"):
+        D.repeat_layers(model, 0)
+
+
+def test_repeat_layers_once_changes_nothing():
+    model = tiny_model(num_layers=2)
+    ids = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        after = D.repeat_layers(model, 1)(input_ids=ids).logits
+    assert torch.equal(before, after)
+    assert D.layer_storage_groups(model) == [[0], [1]]
+
+
+def test_matmul_flops_count_every_use_of_a_shared_weight():
+    model = tiny_model(num_layers=2)
+    per_layer = sum(m.in_features * m.out_features for m in model.model.layers[0].modules()
+                    if isinstance(m, torch.nn.Linear))
+    head = 512 * 64
+    assert D.matmul_flops_per_token(model) == 2 * (2 * per_layer + head)
+    D.share_layer_parameters(model, [[0, 1]])  # half the unique weights, the same work
+    assert D.matmul_flops_per_token(model) == 2 * (2 * per_layer + head)
+    D.factorize_embedding(model, rank=8)  # lookup free, then 8 x 64; head 64 x 8 + 8 x 512
+    assert D.matmul_flops_per_token(model) == 2 * (2 * per_layer + 8 * 64 + 64 * 8 + 8 * 512)
+
+
+def test_spectrum_slices_give_every_rank_and_its_error():
+    w = _logits(200, 12, seed=13, scale=1.0)
+    spectrum = D.embedding_spectrum(w)
+    s = torch.linalg.svdvals(w)
+    assert torch.allclose(spectrum.singular_values, s, rtol=1e-4)
+    for rank in (1, 5, 12):
+        a, b = spectrum.factors(rank)
+        error = torch.linalg.norm(w - a @ b) / torch.linalg.norm(w)
+        assert spectrum.relative_error(rank) == pytest.approx(error.item(), abs=1e-4)
+        a1, b1 = D.low_rank_embedding_factors(w, rank)  # the one-rank entry point agrees
+        assert torch.allclose(a @ b, a1 @ b1, atol=1e-4)
+    assert spectrum.energy(12) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="rank"):
+        spectrum.factors(0)
+    assert D.factorized_parameter_count(262_144, 640, 64) == 262_144 * 64 + 64 * 640
+
+
+def test_factorized_embedding_context_restores_the_model():
+    model = tiny_model(num_layers=2)
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(8))
+    spectrum = D.embedding_spectrum(model.model.embed_tokens.weight)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        with D.factorized_embedding(model, 4, spectrum) as small:
+            assert count_parameters(small) == count_parameters(tiny_model(num_layers=2)) - 512 * 64 + 512 * 4 + 4 * 64
+            low = small(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    assert not torch.allclose(low, before, atol=1e-3)
+    assert torch.equal(before, after)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="spectrum"):
+        D.factorize_embedding(tiny_model(vocab_size=256), 4, spectrum)
+
+
+def test_factorized_embedding_takes_the_model_dtype():
+    model = tiny_model(num_layers=2).to(torch.bfloat16)
+    D.factorize_embedding(model, rank=16)
+    assert model.model.embed_tokens.a.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[3, 4, 5]])).logits
+    assert logits.shape == (1, 3, 512) and bool(torch.isfinite(logits).all())
