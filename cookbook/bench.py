@@ -72,6 +72,7 @@ class BenchSettings:
     calib_seq_len: int = 256
     group_size: int = 128
     serving_requests: int = 16
+    serving_output_range: tuple[int, int] = (4, 32)
     max_batch: int = 8
     recipe_steps: int = 16
     recipe_seq_len: int = 128
@@ -422,7 +423,8 @@ def bench_serving(model, tokenizer, device, settings: BenchSettings) -> list[dic
     """
     pool = encode(tokenizer, load_text("shakespeare_train"), 4000)
     requests = sv.synthetic_workload(pool, n_requests=settings.serving_requests, rate_per_s=1.0, seed=0,
-                                     prompt_range=(8, 64), output_range=(4, 32), bos_id=tokenizer.bos_token_id)
+                                     prompt_range=(8, 64), output_range=settings.serving_output_range,
+                                     bos_id=tokenizer.bos_token_id)
     cost = sv.fit_pass_cost(model, requests[0].prompt_ids[:32], sorted({1, 2, settings.max_batch}))
     overload = sv.with_rate(requests, 1000.0, 1.0)  # every request waiting at t ~ 0: the throughput limit
     fmt = str(model.dtype).replace("torch.", "")
@@ -505,10 +507,15 @@ def bench_recipe(model, tokenizer, device, settings: BenchSettings) -> list[dict
     final = R.apply_recipe(model, tokenizer, recipe, after_stage=lambda stage, work, result: rows.append(
         recipe_stage_row(stage, work, tokenizer, settings, recipe, result)))
     rows.append(recipe_kv_cache_row(final, tokenizer, device, settings, rows[-1]["format"]))
-    for r in bench_serving(final, tokenizer, device, settings):
-        rows.append(r | {"technique": "recipe", "variant": f"recipe 5: {r['variant']}", "format": rows[-1]["format"]})
+    rows += recipe_serving_rows(final, tokenizer, device, settings, rows[-1]["format"])
     del final
     return rows
+
+
+def recipe_serving_rows(model, tokenizer, device, settings: BenchSettings, fmt: str) -> list[dict]:
+    """`bench_serving` (static vs continuous batching) on the recipe's model, labelled as its last stage."""
+    return [r | {"technique": "recipe", "variant": f"recipe 5: {r['variant']}", "format": fmt}
+            for r in bench_serving(model, tokenizer, device, settings)]
 
 
 TECHNIQUES: dict[str, Callable[..., list[dict]]] = {
@@ -692,6 +699,14 @@ class BenchReport:
     assumptions: str
     wall_s: float
     date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    techniques: list[str] | None = None  # what was run (None: all of TECHNIQUES)
+
+    def command(self) -> str:
+        """The command line that measures this report again."""
+        s, only = self.settings, self.techniques
+        subset = f" --only {','.join(only)}" if only is not None and set(only) != set(TECHNIQUES) else ""
+        return (f"python -m cookbook bench{' --quick' if s['quick'] else ''} --device {self.machine['device']}"
+                f" --model {self.model}{subset}")
 
     def table(self):
         from .report import ResultsTable
@@ -704,8 +719,7 @@ class BenchReport:
         lines = [
             f"# Cookbook bench: {self.model} on {self.machine.get('gpu', self.machine['cpu'])}",
             "",
-            f"Measured {self.date} by `python -m cookbook bench"
-            f"{' --quick' if s['quick'] else ''}` in {self.wall_s / 60:.1f} minutes. Every number below was measured "
+            f"Measured {self.date} by `{self.command()}` in {self.wall_s / 60:.1f} minutes. Every number below was measured "
             "in that run, except tokens/J and $/M tokens, which are estimates from the stated assumptions.",
             "", "## Machine", "", "| | |", "|---|---|",
             *[f"| {k} | {v} |" for k, v in self.machine.items()],
@@ -730,16 +744,14 @@ class BenchReport:
             "Pareto front (no other row has both lower perplexity and more decode tokens/s): "
             + ", ".join(label(r) for r in pareto_front(self.rows, "decode tok/s", higher_is_better=True)) + ".",
             "", "## Regenerate", "",
-            "```bash",
-            f"python -m cookbook bench{' --quick' if s['quick'] else ''} --device {self.machine['device']}"
-            f" --model {self.model}",
-            "```", "",
+            "```bash", self.command(), "```", "",
         ]
         return "\n".join(lines)
 
     def to_json(self) -> dict:
         return {"model": self.model, "date": self.date, "wall_s": self.wall_s, "machine": self.machine,
-                "settings": self.settings, "assumptions": self.assumptions, "rows": self.rows}
+                "settings": self.settings, "assumptions": self.assumptions, "techniques": self.techniques,
+                "rows": self.rows}
 
     def write(self, out_dir: str | Path, name: str) -> dict[str, Path]:
         """Write `<name>.md`, `<name>.json` and `<name>.png` into `out_dir`; returns their paths."""
@@ -765,7 +777,8 @@ def load_report(path: str | Path) -> BenchReport:
     if not path.exists():
         raise FileNotFoundError(f"No bench report at {path}: run `python -m cookbook bench` to write one.")
     d = json.loads(path.read_text())
-    return BenchReport(d["rows"], d["model"], d["machine"], d["settings"], d["assumptions"], d["wall_s"], d["date"])
+    return BenchReport(d["rows"], d["model"], d["machine"], d["settings"], d["assumptions"], d["wall_s"], d["date"],
+                       d.get("techniques"))
 
 
 def report_protocol(report: BenchReport) -> PerplexityProtocol:
@@ -791,7 +804,7 @@ def bench_command(model_name: str | None, device: str | None, quick: bool, out_d
     model, tok = load_model(model_name, device=dev)
     rows = run_bench(model, tok, dev, settings, names, log=lambda m: print(m, file=sys.stderr, flush=True))
     report = BenchReport(rows, resolve_name(model_name), machine_info(dev), settings.describe(), settings.assumptions,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, techniques=names)
     paths = report.write(out_dir, name or report_name(dev))
     print(report.table().text())
     print("\nwrote", ", ".join(str(p) for p in paths.values()))

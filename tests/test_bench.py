@@ -171,6 +171,9 @@ def test_report_reads_back_with_its_protocol(rows, tmp_path):
     assert "load average" in " ".join(back.machine)
     with pytest.raises(FileNotFoundError, match="python -m cookbook bench"):
         bench.load_report(tmp_path / "missing.json")
+    assert "--only" not in back.command()
+    back.techniques = ["rtn", "lora"]
+    assert back.command().endswith("--only rtn,lora") and "--only rtn,lora" in back.markdown("cpu.png")
 
 
 def test_speed_vs_baseline_and_recipe_rows(rows):
