@@ -5,7 +5,7 @@ Every stage changes the model in place by calling the technique's own module (`p
 
 1. prune first, while the weights are still float and trainable (`pruning.prune_mlp_channels`);
 2. recover by distilling the UNPRUNED model's cached top-k logits into the pruned one
-   (`distillation.cache_teacher_topk` + `distillation.train_student`), updating only the MLP weights;
+   (`cache_teacher`, then `distill_recovery`: `distillation.train_student`), updating only the MLP weights;
 3. quantize last, so GPTQ calibrates on the weights that will be served
    (`quantization.quantize_model_layerwise`, then `quantization.quantize_tied_embedding_int8`).
 
@@ -98,19 +98,15 @@ def set_trainable(model: nn.Module, train: Callable[[str], bool]) -> int:
     return n
 
 
-def distill_recovery(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, steps: int,
-                     batch_size: int = 1, k: int = 64, lr: float = 1e-4, temperature: float = 1.0,
-                     alpha: float = 0.5, train: Callable[[str], bool] = is_mlp_weight) -> D.TrainLog:
-    """Recover a pruned `student` by distilling the `teacher`'s cached top-k logits on `train_ids` (n, t).
+def distill_recovery(student: nn.Module, cache: D.TeacherCache, steps: int, batch_size: int = 1, lr: float = 1e-4,
+                     temperature: float = 1.0, alpha: float = 0.5,
+                     train: Callable[[str], bool] = is_mlp_weight) -> D.TrainLog:
+    """Recover a pruned `student` by distilling a teacher's cached top-k logits (`distillation.cache_teacher_topk`).
 
-    The teacher runs once (its top-k logits are cached, `distillation.cache_teacher_topk`); the student
-    then trains `steps` AdamW steps on the mixed KL + cross-entropy loss (`distillation.train_student`),
-    updating only the parameters `train` selects. Every parameter is frozen again afterwards.
+    The student trains `steps` AdamW steps on the mixed KL + cross-entropy loss (`distillation.train_student`)
+    over the cached windows, updating only the parameters `train` selects; every parameter is frozen again
+    afterwards. The teacher itself is not needed any more (free it first to save memory).
     """
-    if student.config.vocab_size != teacher.config.vocab_size:
-        raise ValueError(f"Student and teacher must share a vocabulary, got {student.config.vocab_size} "
-                         f"and {teacher.config.vocab_size} tokens.")
-    cache = D.cache_teacher_topk(teacher, train_ids, k=k, batch_size=batch_size)
     set_trainable(student, train)
     try:
         with torch.enable_grad():  # callers such as bench.run_bench run under torch.no_grad()
@@ -118,6 +114,14 @@ def distill_recovery(student: nn.Module, teacher: nn.Module, train_ids: torch.Te
     finally:
         for p in student.parameters():
             p.requires_grad_(False)
+
+
+def cache_teacher(teacher: nn.Module, student: nn.Module, train_ids: torch.Tensor, k: int = 64) -> D.TeacherCache:
+    """The teacher's top-k logits on `train_ids` (n, t), after checking that teacher and student share a vocabulary."""
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(f"Student and teacher must share a vocabulary, got {student.config.vocab_size} "
+                         f"and {teacher.config.vocab_size} tokens.")
+    return D.cache_teacher_topk(teacher, train_ids, k=k, batch_size=1)
 
 
 def quantize_stage(model: nn.Module, calib: torch.Tensor, bits: int = 4, group_size: int = 128,
@@ -136,8 +140,9 @@ def apply_recipe(teacher: nn.Module, tokenizer, recipe: Recipe = Recipe(),
     work = copy.deepcopy(teacher)
     stages = {
         "prune": lambda: prune_stage(work, calib, recipe.mlp_fraction),
-        "distill": lambda: distill_recovery(work, teacher, train_ids, recipe.distill_steps, recipe.distill_batch,
-                                            recipe.top_k, recipe.lr, recipe.temperature, recipe.alpha),
+        "distill": lambda: distill_recovery(work, cache_teacher(teacher, work, train_ids, recipe.top_k),
+                                            recipe.distill_steps, recipe.distill_batch, recipe.lr,
+                                            recipe.temperature, recipe.alpha),
         "quantize": lambda: quantize_stage(work, calib, recipe.bits, recipe.group_size, recipe.int8_embedding),
     }
     for name in STAGES:

@@ -61,7 +61,7 @@ def test_recovery_runs_under_no_grad_and_refreezes():
     student = tiny_model(num_layers=2, seed=1)
     ids = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(0))  # (2, 16)
     with torch.no_grad():
-        log = R.distill_recovery(student, teacher, ids, steps=2, k=4)
+        log = R.distill_recovery(student, R.cache_teacher(teacher, student, ids, k=4), steps=2)
     assert len(log.loss) == 2 and not any(p.requires_grad for p in student.parameters())
 
 
@@ -77,4 +77,4 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="alpha"):
         R.Recipe(alpha=2.0)
     with pytest.raises(ValueError, match="share a vocabulary"):
-        R.distill_recovery(tiny_model(vocab_size=300), model, torch.ones(1, 8, dtype=torch.long), 1)
+        R.cache_teacher(model, tiny_model(vocab_size=300), torch.ones(1, 8, dtype=torch.long))
