@@ -19,6 +19,7 @@ import copy
 import gc
 import json
 import math
+import os
 import platform
 import re
 import sys
@@ -36,6 +37,7 @@ from . import distillation as D
 from . import lora
 from . import pruning as P
 from . import quantization as Q
+from . import recipe as R
 from . import serving as sv
 from .data import calibration_batch, encode, load_text, with_bos
 from .evaluate import PerplexityProtocol, perplexity, relative_change
@@ -55,7 +57,8 @@ class BenchSettings:
     protocol: the one perplexity protocol of every row. prompt_tokens / new_tokens: the one prompt
     (BOS + the first tokens of the eval text) and the greedy tokens generated from it for decode
     speed, timed `repeats` times after `warmup` runs (best of the repeats, see `generation_speed`). calib_*: calibration windows of the
-    training text for GPTQ, AWQ, Wanda and structured pruning. watts, usd_per_hour: the ASSUMED
+    training text for GPTQ, AWQ, Wanda and structured pruning. recipe_*: AdamW steps and window length
+    of the combined recipe's distillation recovery (`cookbook.recipe`). watts, usd_per_hour: the ASSUMED
     power draw and price behind tokens/J and $/M tokens (see `default_power_and_price`).
     """
 
@@ -69,7 +72,10 @@ class BenchSettings:
     calib_seq_len: int = 256
     group_size: int = 128
     serving_requests: int = 16
+    serving_output_range: tuple[int, int] = (4, 32)
     max_batch: int = 8
+    recipe_steps: int = 16
+    recipe_seq_len: int = 128
     watts: float = 20.0
     usd_per_hour: float = 0.10
     assumptions: str = ""
@@ -90,7 +96,7 @@ class BenchSettings:
 
 
 QUICK = dict(protocol=PerplexityProtocol(seq_len=256, stride=256, max_tokens=512), new_tokens=8, loop_new_tokens=8,
-             warmup=1, repeats=2, calib_samples=2, calib_seq_len=128, serving_requests=8, max_batch=4)
+             warmup=1, repeats=2, calib_samples=2, calib_seq_len=128, serving_requests=8, max_batch=4, recipe_steps=8)
 
 # Board power from the vendors' spec sheets (maximum TDP): an UPPER BOUND on what a decode loop draws.
 GPU_TDP_W = {"h200": 700.0, "h100 sxm": 700.0, "h100 80gb hbm3": 700.0, "h100 pcie": 350.0, "h100": 700.0,
@@ -417,7 +423,8 @@ def bench_serving(model, tokenizer, device, settings: BenchSettings) -> list[dic
     """
     pool = encode(tokenizer, load_text("shakespeare_train"), 4000)
     requests = sv.synthetic_workload(pool, n_requests=settings.serving_requests, rate_per_s=1.0, seed=0,
-                                     prompt_range=(8, 64), output_range=(4, 32), bos_id=tokenizer.bos_token_id)
+                                     prompt_range=(8, 64), output_range=settings.serving_output_range,
+                                     bos_id=tokenizer.bos_token_id)
     cost = sv.fit_pass_cost(model, requests[0].prompt_ids[:32], sorted({1, 2, settings.max_batch}))
     overload = sv.with_rate(requests, 1000.0, 1.0)  # every request waiting at t ~ 0: the throughput limit
     fmt = str(model.dtype).replace("torch.", "")
@@ -453,6 +460,64 @@ def bench_lora(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
     return rows
 
 
+def recipe_for(settings: BenchSettings) -> R.Recipe:
+    """The combined recipe at the bench's sizes: its calibration windows, group size and recovery steps."""
+    return R.Recipe(distill_steps=settings.recipe_steps, distill_seq_len=settings.recipe_seq_len,
+                    group_size=settings.group_size, calib_samples=settings.calib_samples,
+                    calib_seq_len=settings.calib_seq_len)
+
+
+def recipe_stage_row(stage: str, model, tokenizer, settings: BenchSettings, recipe: R.Recipe, result) -> dict:
+    """One measured row after a stage of `recipe.apply_recipe`, labelled with everything applied so far."""
+    fmt = str(model.dtype).replace("torch.", "")
+    if stage == "prune":
+        variant, notes = f"recipe 1: MLP -{recipe.mlp_fraction:.0%}", f"intermediate size -> {result}; no recovery yet"
+    elif stage == "distill":
+        variant = f"recipe 2: + distillation ({recipe.distill_steps} steps)"
+        notes = (f"top-{recipe.top_k} KD from the unpruned model, MLP weights only, "
+                 f"{recipe.distill_steps}x{recipe.distill_batch}x{recipe.distill_seq_len} tokens; "
+                 f"train CE {result.ce[0]:.2f} -> {result.ce[-1]:.2f}")
+    else:
+        emb = " + int8 emb" if recipe.int8_embedding else ""
+        variant, fmt = f"recipe 3: + GPTQ int{recipe.bits}{emb}", f"int{recipe.bits} g{recipe.group_size}{emb}"
+        notes = "decoder linears GPTQ on the recovered weights" + ("; tied embedding int8" if emb else "")
+    return measure_model(model, tokenizer, settings, "recipe", variant, fmt, notes)
+
+
+def recipe_kv_cache_row(model, tokenizer, device, settings: BenchSettings, fmt: str) -> dict:
+    """The recipe's model decoded by our KV-cache loop: tokens checked against the no-cache loop, perplexity
+    scored through the cache."""
+    prompt = bench_prompt(tokenizer, settings, device)
+    n = settings.loop_new_tokens
+    plain, plain_tps = best_of(lambda: dec.generate_no_cache(model, prompt, n), lambda g: g.tokens_per_s(), settings)
+    (gen, cache), tps = best_of(lambda: dec.generate_with_cache(model, prompt, n), lambda o: o[0].tokens_per_s(),
+                                settings)
+    ppl = cached_perplexity(model, tokenizer, settings.protocol, dec.KVCache)
+    return result_row("recipe", "recipe 4: + our KV cache loop", fmt, model, ppl, tps,
+                      tokens_identical=gen.tokens == plain.tokens, notes=(
+        f"our loop, {prompt.shape[1]}-token prompt, {n} tokens, prefill included; tokens identical to no cache: "
+        f"{gen.tokens == plain.tokens}; no-cache loop {plain_tps:.1f} tok/s; cache {cache.nbytes():,} B"))
+
+
+def bench_recipe(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """The combined recipe (`cookbook.recipe`, notebook 14): MLP pruning, distillation recovery, GPTQ int4 +
+    int8 embedding, one row after each stage; then the result decoded with our KV cache and served with
+    static vs continuous batching."""
+    recipe, rows = recipe_for(settings), []
+    final = R.apply_recipe(model, tokenizer, recipe, after_stage=lambda stage, work, result: rows.append(
+        recipe_stage_row(stage, work, tokenizer, settings, recipe, result)))
+    rows.append(recipe_kv_cache_row(final, tokenizer, device, settings, rows[-1]["format"]))
+    rows += recipe_serving_rows(final, tokenizer, device, settings, rows[-1]["format"])
+    del final
+    return rows
+
+
+def recipe_serving_rows(model, tokenizer, device, settings: BenchSettings, fmt: str) -> list[dict]:
+    """`bench_serving` (static vs continuous batching) on the recipe's model, labelled as its last stage."""
+    return [r | {"technique": "recipe", "variant": f"recipe 5: {r['variant']}", "format": fmt}
+            for r in bench_serving(model, tokenizer, device, settings)]
+
+
 TECHNIQUES: dict[str, Callable[..., list[dict]]] = {
     "precision": bench_precision,
     "rtn": bench_rtn,
@@ -465,6 +530,7 @@ TECHNIQUES: dict[str, Callable[..., list[dict]]] = {
     "speculative": bench_speculative,
     "serving": bench_serving,
     "lora": bench_lora,
+    "recipe": bench_recipe,
 }
 
 
@@ -531,15 +597,30 @@ def label(row: dict) -> str:
     return row["variant"] if row["technique"] != "baseline" else f"baseline ({row['format']})"
 
 
-def plot_pareto(rows: Sequence[dict], title: str = ""):
-    """Two panels: perplexity vs bytes held, and perplexity vs decode tokens/s; one point per row."""
+def speed_vs_baseline(rows: Sequence[dict]) -> list[dict]:
+    """The rows with "decode x baseline": decode tok/s over the same run's baseline row (None if either is missing).
+
+    Speeds measured on different machines or runs are comparable only as such ratios.
+    """
+    base = next((r["decode tok/s"] for r in rows if r["technique"] == "baseline"), None)
+    return [r | {"decode x baseline": None if base is None or r.get("decode tok/s") is None
+                 else r["decode tok/s"] / base} for r in rows]
+
+
+def plot_pareto(rows: Sequence[dict], title: str = "", path: Sequence[dict] = (), speed_key: str = "decode tok/s",
+                speed_label: str = "decode tokens/s (one stream)"):
+    """Two panels: perplexity vs bytes held, and perplexity vs `speed_key`; one point per row.
+
+    Red stars mark the Pareto front of `rows` + `path`; `path` (e.g. the recipe's stages, in order) is also
+    drawn as a green line from stage to stage.
+    """
     from .report import new_figure
 
     fig, (ax_b, ax_s) = new_figure(2, width=6.5, height=4.5)
-    pts = [r for r in rows if r.get("perplexity") is not None]
+    pts = [r for r in [*rows, *path] if r.get("perplexity") is not None]
     for ax, key, scale, xlabel in ((ax_b, "bytes held", 2**-20, "MiB held (whole model)"),
-                                   (ax_s, "decode tok/s", 1.0, "decode tokens/s (one stream)")):
-        front = {id(r) for r in pareto_front(pts, key, higher_is_better=key == "decode tok/s")}
+                                   (ax_s, speed_key, 1.0, speed_label)):
+        front = {id(r) for r in pareto_front(pts, key, higher_is_better=key != "bytes held")}
         for r in pts:
             if r.get(key) is None:
                 continue
@@ -547,6 +628,10 @@ def plot_pareto(rows: Sequence[dict], title: str = ""):
             ax.scatter(x, r["perplexity"], s=40, marker="*" if id(r) in front else "o",
                        color="C3" if id(r) in front else "C0", zorder=3)
             ax.annotate(label(r), (x, r["perplexity"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        line = [(r[key] * scale, r["perplexity"]) for r in path if r.get(key) is not None and r.get("perplexity")]
+        if line:
+            ax.plot(*zip(*line), color="C2", lw=1.5, alpha=0.8, zorder=2, label="the recipe, stage by stage")
+            ax.legend(loc="upper right", fontsize=8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity (log)")
         ax.set_yscale("log")
@@ -569,12 +654,21 @@ def machine_info(device: torch.device) -> dict:
     info = {"device": device.type, "cpu": _cpu_name(), "cpu threads used by torch": torch.get_num_threads(),
             "logical cpus": psutil.cpu_count(), "ram GiB": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "os": platform.platform()}
+            "transformers": transformers.__version__, "os": platform.platform(),
+            "load average (1, 5, 15 min) at the end": _load_average()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info |= {"gpu": props.name, "gpu memory GiB": round(props.total_memory / 2**30, 1),
                  "cuda": torch.version.cuda}
     return info
+
+
+def _load_average() -> str:
+    """The machine's load average: other work running beside the bench slows every timing down."""
+    try:
+        return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    except (AttributeError, OSError):  # not on every platform
+        return "unknown"
 
 
 def _cpu_name() -> str:
@@ -605,6 +699,14 @@ class BenchReport:
     assumptions: str
     wall_s: float
     date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    techniques: list[str] | None = None  # what was run (None: all of TECHNIQUES)
+
+    def command(self) -> str:
+        """The command line that measures this report again."""
+        s, only = self.settings, self.techniques
+        subset = f" --only {','.join(only)}" if only is not None and set(only) != set(TECHNIQUES) else ""
+        return (f"python -m cookbook bench{' --quick' if s['quick'] else ''} --device {self.machine['device']}"
+                f" --model {self.model}{subset}")
 
     def table(self):
         from .report import ResultsTable
@@ -617,8 +719,7 @@ class BenchReport:
         lines = [
             f"# Cookbook bench: {self.model} on {self.machine.get('gpu', self.machine['cpu'])}",
             "",
-            f"Measured {self.date} by `python -m cookbook bench"
-            f"{' --quick' if s['quick'] else ''}` in {self.wall_s / 60:.1f} minutes. Every number below was measured "
+            f"Measured {self.date} by `{self.command()}` in {self.wall_s / 60:.1f} minutes. Every number below was measured "
             "in that run, except tokens/J and $/M tokens, which are estimates from the stated assumptions.",
             "", "## Machine", "", "| | |", "|---|---|",
             *[f"| {k} | {v} |" for k, v in self.machine.items()],
@@ -643,16 +744,14 @@ class BenchReport:
             "Pareto front (no other row has both lower perplexity and more decode tokens/s): "
             + ", ".join(label(r) for r in pareto_front(self.rows, "decode tok/s", higher_is_better=True)) + ".",
             "", "## Regenerate", "",
-            "```bash",
-            f"python -m cookbook bench{' --quick' if s['quick'] else ''} --device {self.machine['device']}"
-            f" --model {self.model}",
-            "```", "",
+            "```bash", self.command(), "```", "",
         ]
         return "\n".join(lines)
 
     def to_json(self) -> dict:
         return {"model": self.model, "date": self.date, "wall_s": self.wall_s, "machine": self.machine,
-                "settings": self.settings, "assumptions": self.assumptions, "rows": self.rows}
+                "settings": self.settings, "assumptions": self.assumptions, "techniques": self.techniques,
+                "rows": self.rows}
 
     def write(self, out_dir: str | Path, name: str) -> dict[str, Path]:
         """Write `<name>.md`, `<name>.json` and `<name>.png` into `out_dir`; returns their paths."""
@@ -672,6 +771,22 @@ class BenchReport:
         return paths
 
 
+def load_report(path: str | Path) -> BenchReport:
+    """A report written by `BenchReport.write`, read back from its `.json`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No bench report at {path}: run `python -m cookbook bench` to write one.")
+    d = json.loads(path.read_text())
+    return BenchReport(d["rows"], d["model"], d["machine"], d["settings"], d["assumptions"], d["wall_s"], d["date"],
+                       d.get("techniques"))
+
+
+def report_protocol(report: BenchReport) -> PerplexityProtocol:
+    """The perplexity protocol a report's rows were measured on (to measure new rows comparably)."""
+    fields = dict(part.split("=", 1) for part in report.settings["protocol"].split(", "))
+    return PerplexityProtocol(**{k: v if k == "text" else int(v) for k, v in fields.items()})
+
+
 def bench_command(model_name: str | None, device: str | None, quick: bool, out_dir: str, techniques=None,
                   watts: float | None = None, usd_per_hour: float | None = None, name: str | None = None) -> dict:
     """Load the model, run the suite, write the report; what `python -m cookbook bench` calls."""
@@ -689,7 +804,7 @@ def bench_command(model_name: str | None, device: str | None, quick: bool, out_d
     model, tok = load_model(model_name, device=dev)
     rows = run_bench(model, tok, dev, settings, names, log=lambda m: print(m, file=sys.stderr, flush=True))
     report = BenchReport(rows, resolve_name(model_name), machine_info(dev), settings.describe(), settings.assumptions,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, techniques=names)
     paths = report.write(out_dir, name or report_name(dev))
     print(report.table().text())
     print("\nwrote", ", ".join(str(p) for p in paths.values()))

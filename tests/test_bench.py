@@ -159,3 +159,30 @@ def test_cli_rejects_unknown_technique_before_loading(capsys):
     assert "Unknown technique" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--watts", "lots"])
+
+
+def test_report_reads_back_with_its_protocol(rows, tmp_path):
+    settings = bench.make_settings(torch.device("cpu"), **TINY)
+    report = bench.BenchReport(rows, "tiny", bench.machine_info(torch.device("cpu")), settings.describe(),
+                               settings.assumptions, 1.0)
+    back = bench.load_report(report.write(tmp_path, "cpu")["json"])
+    assert back.rows == json.loads(json.dumps(rows, default=str)) and back.date == report.date
+    assert bench.report_protocol(back) == TINY["protocol"]
+    assert "load average" in " ".join(back.machine)
+    with pytest.raises(FileNotFoundError, match="python -m cookbook bench"):
+        bench.load_report(tmp_path / "missing.json")
+    assert "--only" not in back.command()
+    back.techniques = ["rtn", "lora"]
+    assert back.command().endswith("--only rtn,lora") and "--only rtn,lora" in back.markdown("cpu.png")
+
+
+def test_speed_vs_baseline_and_recipe_rows(rows):
+    rel = bench.speed_vs_baseline(rows)
+    assert rel[0]["decode x baseline"] == pytest.approx(1.0)
+    recipe = [r for r in rel if r["technique"] == "recipe"]
+    assert [r["variant"].split(":")[0] for r in recipe] == ["recipe 1", "recipe 2", "recipe 3", "recipe 4",
+                                                            "recipe 5", "recipe 5"]
+    assert recipe[0]["bytes held"] == recipe[1]["bytes held"] and recipe[2]["bytes held"] < recipe[1]["bytes held"]
+    assert recipe[3]["tokens_identical"] is True
+    fig = bench.plot_pareto(rel, "tiny", path=recipe[:3], speed_key="decode x baseline", speed_label="x baseline")
+    assert len(fig.axes) == 2 and fig.axes[0].get_legend() is not None

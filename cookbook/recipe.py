@@ -1,0 +1,152 @@
+"""A combined recipe: structured pruning, then distillation recovery, then GPTQ 4-bit (+ an int8 embedding).
+
+Every stage changes the model in place by calling the technique's own module (`pruning`,
+`distillation`, `quantization`); nothing here re-implements a technique. The order matters:
+
+1. prune first, while the weights are still float and trainable (`pruning.prune_mlp_channels`);
+2. recover by distilling the UNPRUNED model's cached top-k logits into the pruned one
+   (`cache_teacher`, then `distill_recovery`: `distillation.train_student`), updating only the MLP weights;
+3. quantize last, so GPTQ calibrates on the weights that will be served
+   (`quantization.quantize_model_layerwise`, then `quantization.quantize_tied_embedding_int8`).
+
+The KV cache and continuous batching change how the result is run, not its weights; the notebook and
+`bench.bench_recipe` apply them to the recipe's output.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from . import distillation as D
+from . import pruning as P
+from . import quantization as Q
+from .data import calibration_batch
+
+STAGES = ("prune", "distill", "quantize")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The knobs of the combined recipe (defaults: what notebook 14 and the bench run).
+
+    mlp_fraction: share of each layer's MLP channels removed. distill_*: AdamW steps, batch and window
+    length of the recovery, top_k teacher logits cached per position, its lr, temperature and alpha
+    (the KL share of the loss). bits / group_size: GPTQ of every decoder linear; int8_embedding: the
+    tied embedding / lm_head to int8 too. calib_*: the calibration windows of pruning and GPTQ.
+    """
+
+    mlp_fraction: float = 0.25
+    distill_steps: int = 16
+    distill_batch: int = 1
+    distill_seq_len: int = 128
+    top_k: int = 64
+    lr: float = 1e-4
+    temperature: float = 1.0
+    alpha: float = 0.5
+    bits: int = 4
+    group_size: int = 128
+    int8_embedding: bool = True
+    calib_samples: int = 4
+    calib_seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        P.check_sparsity(self.mlp_fraction)
+        Q.check_bits(self.bits)
+        if min(self.distill_steps, self.distill_batch, self.top_k, self.calib_samples) < 1:
+            raise ValueError("distill_steps, distill_batch, top_k and calib_samples must all be >= 1.")
+        if self.distill_seq_len < 2 or self.calib_seq_len < 2:
+            raise ValueError("distill_seq_len and calib_seq_len must be >= 2 tokens.")
+        if not (self.lr > 0 and self.temperature > 0 and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"Need lr > 0, temperature > 0 and 0 <= alpha <= 1, got {self.lr}, "
+                             f"{self.temperature}, {self.alpha}.")
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self).items())
+
+
+def calibration_windows(tokenizer, recipe: Recipe, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pruning / GPTQ calibration windows (seed 0) and the distillation windows (seed 1) of the training text."""
+    calib = calibration_batch(tokenizer, recipe.calib_samples, recipe.calib_seq_len, seed=0)  # (n, t)
+    train = calibration_batch(tokenizer, recipe.distill_steps * recipe.distill_batch, recipe.distill_seq_len,
+                              seed=1)  # (steps * batch, t')
+    return calib.to(device), train.to(device)
+
+
+def prune_stage(model: nn.Module, calib: torch.Tensor, fraction: float) -> int:
+    """Remove `fraction` of every layer's MLP channels, scored on `calib` (n, t); returns the new MLP width."""
+    return P.prune_mlp_channels(model, P.collect_input_norms(model, calib), fraction)
+
+
+def is_mlp_weight(name: str) -> bool:
+    """The default recovery target: the decoder's MLP weights (the tensors pruning reshaped)."""
+    return ".mlp." in name
+
+
+def set_trainable(model: nn.Module, train: Callable[[str], bool]) -> int:
+    """Let only the parameters whose name passes `train` learn (never the embedding); returns how many weights."""
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(train(name) and "embed" not in name)
+        n += p.numel() if p.requires_grad else 0
+    if n == 0:
+        raise ValueError("The `train` filter selected no parameters of the model.")
+    return n
+
+
+def distill_recovery(student: nn.Module, cache: D.TeacherCache, steps: int, batch_size: int = 1, lr: float = 1e-4,
+                     temperature: float = 1.0, alpha: float = 0.5,
+                     train: Callable[[str], bool] = is_mlp_weight) -> D.TrainLog:
+    """Recover a pruned `student` by distilling a teacher's cached top-k logits (`distillation.cache_teacher_topk`).
+
+    The student trains `steps` AdamW steps on the mixed KL + cross-entropy loss (`distillation.train_student`)
+    over the cached windows, updating only the parameters `train` selects; every parameter is frozen again
+    afterwards. The teacher itself is not needed any more (free it first to save memory).
+    """
+    set_trainable(student, train)
+    try:
+        with torch.enable_grad():  # callers such as bench.run_bench run under torch.no_grad()
+            return D.train_student(student, cache, steps, batch_size, lr, temperature, alpha)
+    finally:
+        for p in student.parameters():
+            p.requires_grad_(False)
+
+
+def cache_teacher(teacher: nn.Module, student: nn.Module, train_ids: torch.Tensor, k: int = 64) -> D.TeacherCache:
+    """The teacher's top-k logits on `train_ids` (n, t), after checking that teacher and student share a vocabulary."""
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(f"Student and teacher must share a vocabulary, got {student.config.vocab_size} "
+                         f"and {teacher.config.vocab_size} tokens.")
+    return D.cache_teacher_topk(teacher, train_ids, k=k, batch_size=1)
+
+
+def quantize_stage(model: nn.Module, calib: torch.Tensor, bits: int = 4, group_size: int = 128,
+                   int8_embedding: bool = True) -> None:
+    """GPTQ every decoder linear to `bits` (bit-packed QuantLinear), then the tied embedding to int8."""
+    Q.quantize_model_layerwise(model, calib, "gptq", bits, group_size, symmetric=False)
+    if int8_embedding:
+        Q.quantize_tied_embedding_int8(model)
+
+
+def apply_recipe(teacher: nn.Module, tokenizer, recipe: Recipe = Recipe(),
+                 after_stage: Callable[[str, nn.Module, object], None] | None = None) -> nn.Module:
+    """The recipe applied to a copy of `teacher` (left unchanged); `after_stage(name, model, result)`
+    is called after each of `STAGES` (e.g. to measure it). Returns the final model."""
+    calib, train_ids = calibration_windows(tokenizer, recipe, teacher.device)
+    work = copy.deepcopy(teacher)
+    stages = {
+        "prune": lambda: prune_stage(work, calib, recipe.mlp_fraction),
+        "distill": lambda: distill_recovery(work, cache_teacher(teacher, work, train_ids, recipe.top_k),
+                                            recipe.distill_steps, recipe.distill_batch, recipe.lr,
+                                            recipe.temperature, recipe.alpha),
+        "quantize": lambda: quantize_stage(work, calib, recipe.bits, recipe.group_size, recipe.int8_embedding),
+    }
+    for name in STAGES:
+        result = stages[name]()
+        if after_stage is not None:
+            after_stage(name, work, result)
+    return work
