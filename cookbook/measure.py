@@ -147,13 +147,8 @@ class GenerationSpeed:
 
     @property
     def decode_s_per_token(self) -> float:
-        """generate = one prefill pass that yields the first token + (new_tokens - 1) decode steps.
-
-        NaN when the generate timing is not longer than the prefill timing: on a busy machine the two can be
-        distorted that way, and a clamped difference would report an absurd speed instead of none.
-        """
-        decode_s = self.generate_s - self.prefill_s
-        return decode_s / (self.new_tokens - 1) if decode_s > 0 else float("nan")
+        # generate = one prefill pass that yields the first token + (new_tokens - 1) decode steps
+        return max(self.generate_s - self.prefill_s, 1e-9) / (self.new_tokens - 1)
 
     @property
     def decode_tokens_per_s(self) -> float:
