@@ -41,7 +41,7 @@ from . import recipe as R
 from . import serving as sv
 from .data import calibration_batch, encode, load_text, with_bos
 from .evaluate import PerplexityProtocol, perplexity, relative_change
-from .measure import GenerationSpeed, count_parameters, model_bytes, time_function
+from .measure import count_parameters, measure_generation, model_bytes
 
 COLUMNS = ("technique", "variant", "format", "params", "bytes held", "perplexity", "rel. change",
            "decode tok/s", "prefill tok/s", "tokens/J", "$/M tokens", "notes")
@@ -56,7 +56,7 @@ class BenchSettings:
 
     protocol: the one perplexity protocol of every row. prompt_tokens / new_tokens: the one prompt
     (BOS + the first tokens of the eval text) and the greedy tokens generated from it for decode
-    speed, timed `repeats` times after `warmup` runs (best of the repeats, see `generation_speed`). calib_*: calibration windows of the
+    speed, timed `repeats` times after `warmup` runs (best of the repeats, see `measure_model`). calib_*: calibration windows of the
     training text for GPTQ, AWQ, Wanda and structured pruning. recipe_*: AdamW steps and window length
     of the combined recipe's distillation recovery (`cookbook.recipe`). watts, usd_per_hour: the ASSUMED
     power draw and price behind tokens/J and $/M tokens (see `default_power_and_price`).
@@ -184,19 +184,8 @@ def result_row(technique: str, variant: str, fmt: str, model: nn.Module | None =
             "tokens/J": None, "$/M tokens": None, "notes": notes, **extra}
 
 
-def generation_speed(model, prompt_ids: torch.Tensor, settings: BenchSettings) -> GenerationSpeed:
-    """Prefill and greedy-generate timings of `measure_generation`, but the BEST of the repeats, not the median.
-
-    On a shared machine a run can only be slowed down by other work, never sped up, so the fastest of a few
-    runs is the estimate least distorted by neighbours (notebook 05 times the same way).
-    """
-    prompt_ids = prompt_ids.to(model.device)
-    n = settings.new_tokens
-    prefill = time_function(lambda: model(input_ids=prompt_ids), settings.warmup, settings.repeats, model.device)
-    gen = time_function(lambda: model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
-                                               max_new_tokens=n, min_new_tokens=n, do_sample=False),
-                        settings.warmup, settings.repeats, model.device)
-    return GenerationSpeed(prompt_ids.shape[1], n, prefill.min_s, gen.min_s)
+UNSEPARATED_DECODE = ("decode speed not measured: the whole generate timed no slower than its one-token run "
+                      "(timing noise from other work on the machine)")
 
 
 def best_of(run: Callable[[], object], tokens_per_s: Callable[[object], float], settings: BenchSettings):
@@ -212,9 +201,13 @@ def measure_model(model, tokenizer, settings: BenchSettings, technique: str, var
     """Perplexity on the protocol and greedy prefill / decode speed on the prompt: one row."""
     gc.collect()
     ppl = perplexity(model, tokenizer, settings.protocol)
-    speed = generation_speed(model, bench_prompt(tokenizer, settings, model.device), settings)
-    return result_row(technique, variant, fmt, model, ppl, speed.decode_tokens_per_s, speed.prefill_tokens_per_s,
-                      notes)
+    # the BEST of the repeats: on a shared machine other work can only slow a run down
+    speed = measure_generation(model, bench_prompt(tokenizer, settings, model.device), settings.new_tokens,
+                               settings.warmup, settings.repeats, statistic="min")
+    decode = speed.decode_tokens_per_s
+    if math.isnan(decode):
+        decode, notes = None, "; ".join(filter(None, [notes, UNSEPARATED_DECODE]))
+    return result_row(technique, variant, fmt, model, ppl, decode, speed.prefill_tokens_per_s, notes)
 
 
 def calibration(tokenizer, settings: BenchSettings, device) -> torch.Tensor:
@@ -725,9 +718,10 @@ class BenchReport:
             *[f"| {k} | {v} |" for k, v in self.machine.items()],
             "", "## Protocol", "",
             f"- Perplexity: {s['protocol']} (lower is better; every row on the same tokens).",
-            f"- Decode and prefill speed: `generate` timed as `measure_generation` does, on one prompt of {s['prompt_tokens']} tokens (BOS + "
-            f"the eval text), {s['new_tokens']} greedy tokens, best of {s['repeats']} runs after {s['warmup']} "
-            "warm-up. Rows marked 'our loop' time cookbook.decoding's loops instead "
+            f"- Decode and prefill speed: `measure_generation` on one prompt of {s['prompt_tokens']} tokens (BOS + "
+            f"the eval text): prefill is one forward over the prompt; decode is `generate` of {s['new_tokens']} greedy "
+            f"tokens minus `generate` of one, over the {s['new_tokens'] - 1} extra steps; best of {s['repeats']} "
+            f"runs after {s['warmup']} warm-up. Rows marked 'our loop' time cookbook.decoding's loops instead "
             f"({s['loop_new_tokens']} tokens, prefill included); serving rows are aggregate tokens/s of many requests.",
             f"- Calibration (GPTQ, AWQ, Wanda, structured): {s['calib_samples']} windows of {s['calib_seq_len']} "
             f"tokens of the training text; quantization groups of {s['group_size']}.",

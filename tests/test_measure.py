@@ -1,10 +1,12 @@
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from cookbook.measure import (
-    GenerationSpeed, PeakMemory, count_parameters, format_bytes, kv_cache_bytes_per_token, model_bytes,
-    parameter_breakdown, time_function,
+    GenerationSpeed, PeakMemory, count_parameters, format_bytes, kv_cache_bytes_per_token, measure_generation,
+    model_bytes, parameter_breakdown, time_function,
 )
 from cookbook.models import tiny_model
 
@@ -53,9 +55,29 @@ def test_peak_memory_sees_a_large_allocation():
 
 
 def test_generation_speed_arithmetic():
-    s = GenerationSpeed(prompt_tokens=100, new_tokens=11, prefill_s=0.5, generate_s=1.5)
+    s = GenerationSpeed(prompt_tokens=100, new_tokens=11, prefill_s=0.5, first_token_s=0.6, generate_s=1.6)
     assert s.prefill_tokens_per_s == 200
+    # 10 decode steps in 1.6 - 0.6 s: generate's fixed costs in the one-token run cancel
     assert s.decode_tokens_per_s == pytest.approx(10)
+
+
+def test_generation_speed_is_nan_when_timings_cannot_separate_decode():
+    # the longer run timed faster than the one-token run: not a speed, and never a huge made-up one
+    s = GenerationSpeed(prompt_tokens=8, new_tokens=3, prefill_s=0.37, first_token_s=0.38, generate_s=0.36)
+    assert math.isnan(s.decode_s_per_token) and math.isnan(s.decode_tokens_per_s)
+
+
+def test_measure_generation_on_a_tiny_model():
+    model = tiny_model()
+    prompt = torch.randint(3, 500, (1, 8))
+    for statistic in ("median", "min"):
+        s = measure_generation(model, prompt, new_tokens=4, warmup=1, repeats=2, statistic=statistic)
+        assert (s.prompt_tokens, s.new_tokens) == (8, 4)
+        assert s.prefill_s > 0 and s.first_token_s > 0 and s.generate_s > 0
+    with pytest.raises(ValueError, match="statistic"):
+        measure_generation(model, prompt, new_tokens=4, statistic="mean")
+    with pytest.raises(ValueError, match="new_tokens"):
+        measure_generation(model, prompt, new_tokens=1)
 
 
 def test_format_bytes():
