@@ -34,14 +34,16 @@ from torch import nn
 
 from . import decoding as dec
 from . import distillation as D
+from . import attention as A
 from . import lora
+from . import moe
 from . import pruning as P
 from . import quantization as Q
 from . import recipe as R
 from . import serving as sv
 from .data import calibration_batch, encode, load_text, with_bos
 from .evaluate import PerplexityProtocol, perplexity, relative_change
-from .measure import count_parameters, measure_generation, model_bytes
+from .measure import count_parameters, format_bytes, measure_generation, model_bytes
 
 COLUMNS = ("technique", "variant", "format", "params", "bytes held", "perplexity", "rel. change",
            "decode tok/s", "prefill tok/s", "tokens/J", "$/M tokens", "notes")
@@ -58,7 +60,8 @@ class BenchSettings:
     (BOS + the first tokens of the eval text) and the greedy tokens generated from it for decode
     speed, timed `repeats` times after `warmup` runs (best of the repeats, see `measure_model`). calib_*: calibration windows of the
     training text for GPTQ, AWQ, Wanda and structured pruning. recipe_*: AdamW steps and window length
-    of the combined recipe's distillation recovery (`cookbook.recipe`). watts, usd_per_hour: the ASSUMED
+    of the combined recipe's distillation recovery (`cookbook.recipe`). attention_window: the sliding window the
+    attention row puts on the model's global layers. watts, usd_per_hour: the ASSUMED
     power draw and price behind tokens/J and $/M tokens (see `default_power_and_price`).
     """
 
@@ -76,6 +79,7 @@ class BenchSettings:
     max_batch: int = 8
     recipe_steps: int = 16
     recipe_seq_len: int = 128
+    attention_window: int = 128
     watts: float = 20.0
     usd_per_hour: float = 0.10
     assumptions: str = ""
@@ -251,6 +255,26 @@ def bench_rtn(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
     return rows
 
 
+def bench_outliers(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """W8A8 on every decoder linear (notebook 03): LLM.int8 (outlier input columns in float, threshold 6) and
+    static per-tensor activations with SmoothQuant (alpha 0.5), calibrated on the calibration windows."""
+    absmax = Q.activation_absmax(model, calibration(tokenizer, settings, device))
+    variants = {
+        "LLM.int8 (threshold 6)": lambda name, m: Q.Int8MixedLinear(m, 6.0),
+        "W8A8 static + SmoothQuant": lambda name, m: Q.W8A8Linear(
+            m, absmax[name], Q.smoothing_scale(absmax[name], m.weight, 0.5)),
+    }
+    rows = []
+    for variant, make in variants.items():
+        originals = Q.swap_modules(model, {n: make(n, m) for n, m in Q.decoder_linears(model)})
+        try:
+            rows.append(measure_model(model, tokenizer, settings, "activation quantization", variant, "int8 W8A8",
+                                      "decoder linears only; the int8 matmul emulated in float32 (no int8 kernel)"))
+        finally:
+            Q.restore_modules(model, originals)
+    return rows
+
+
 def bench_gptq_awq(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
     """GPTQ and AWQ at 4 bits on calibration data (notebook 04), and GPTQ + int8 tied embedding."""
     rows, g = [], settings.group_size
@@ -336,6 +360,54 @@ def bench_distilled_student(model, tokenizer, device, settings: BenchSettings) -
                         fmt, "notebook 06's student (a short distillation run)")
     del student
     return [row]
+
+
+def bench_sharing(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """Notebook 07's factorized embedding: the tied embedding / LM head as rank hidden/2 factors (truncated SVD),
+    without training. Cross-layer sharing is not benched: sharing a trained model's layers without retraining
+    destroys it (perplexity in the millions), and the retraining notebook 07 does is too long for the bench."""
+    if not _has_tied_embedding(model):
+        return [result_row("parameter sharing", "factorized embedding", "", notes="not measured: needs a tied embedding")]
+    rank = model.config.hidden_size // 2
+    with D.factorized_embedding(model, rank) as work:
+        return [measure_model(work, tokenizer, settings, "parameter sharing", f"embedding rank {rank} (SVD, no training)",
+                              str(model.dtype).replace("torch.", ""),
+                              f"V x {rank} + {rank} x H factors instead of V x H; not fine-tuned")]
+
+
+def bench_moe(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """Every MLP upcycled into 4 experts, top-2 routing (notebook 08): the same outputs as the dense model
+    before any training, so the row shows what experts cost in bytes and speed at unchanged quality."""
+    experts, k = 4, 2
+    work = _fresh_copy(model)
+    moe.upcycle_mlps(work, experts, k)
+    counts = moe.moe_parameter_counts(work.config, experts, k)
+    row = measure_model(work, tokenizer, settings, "mixture of experts", f"upcycled, {experts} experts top-{k}",
+                        str(model.dtype).replace("torch.", ""),
+                        f"{counts['total']:,} parameters, {counts['active']:,} active per token; untrained router "
+                        "(identical experts: same outputs as dense)")
+    del work
+    return [row]
+
+
+def bench_attention(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """A sliding window on the global attention layers too (notebook 09, our attention swapped in; on every layer
+    of a model without global layers): what it costs
+    in perplexity, and the KV cache it saves at long context. Bytes held do not change; decode is not timed
+    (the saving is in cache memory at long context, not in the short bench prompt)."""
+    window, context = settings.attention_window, 32_768
+    layers = "global" if None in A.layer_windows(model.config) else "all"  # a model with no global layer: all of them
+    windows = A.windows_for(model.config, window, layers)
+    where = "the global layers" if layers == "global" else "every layer"
+    with A.patterned_attention(model, windows=windows):
+        ppl = perplexity(model, tokenizer, settings.protocol)
+    own = A.layer_windows(model.config)
+    effective = [w if w is not None else o for w, o in zip(windows, own)]  # None in `windows`: the layer's own
+    own_bytes, windowed = (A.kv_cache_bytes(model.config, context, dtype=model.dtype, windows=w)
+                           for w in (own, effective))
+    return [result_row("attention", f"window {window} on {where}", str(model.dtype).replace("torch.", ""),
+                       model, ppl, kv_cache_bytes=(own_bytes, windowed),
+                       notes=f"KV cache at {context:,} tokens: {format_bytes(own_bytes)} -> {format_bytes(windowed)}")]
 
 
 def cached_perplexity(model, tokenizer, protocol: PerplexityProtocol, cache_cls: type[dec.KVCache]) -> float:
@@ -514,11 +586,15 @@ def recipe_serving_rows(model, tokenizer, device, settings: BenchSettings, fmt: 
 TECHNIQUES: dict[str, Callable[..., list[dict]]] = {
     "precision": bench_precision,
     "rtn": bench_rtn,
+    "outliers": bench_outliers,
     "gptq_awq": bench_gptq_awq,
     "nf4": bench_nf4,
     "wanda": bench_wanda,
     "structured": bench_structured,
     "distillation": bench_distilled_student,
+    "sharing": bench_sharing,
+    "moe": bench_moe,
+    "attention": bench_attention,
     "kv_cache": bench_kv_cache,
     "speculative": bench_speculative,
     "serving": bench_serving,

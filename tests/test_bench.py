@@ -30,7 +30,7 @@ class ByteTokenizer:
 
 TINY = dict(protocol=PerplexityProtocol(seq_len=32, stride=32, max_tokens=64), prompt_tokens=8, new_tokens=3,
             loop_new_tokens=4, warmup=0, repeats=1, calib_samples=2, calib_seq_len=32, group_size=32,
-            serving_requests=4, max_batch=2)
+            serving_requests=4, max_batch=2, attention_window=4)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,8 @@ def test_every_technique_gives_a_full_row(rows):
     assert failed == [], failed
     assert rows[0]["technique"] == "baseline" and rows[0]["rel. change"] == 0.0
     techniques = {r["technique"] for r in rows}
-    assert {"precision", "weight quantization", "pruning", "decoding", "serving", "fine-tuning"} <= techniques
+    assert {"precision", "weight quantization", "activation quantization", "pruning", "parameter sharing",
+            "mixture of experts", "attention", "decoding", "serving", "fine-tuning"} <= techniques
     for r in rows:
         assert list(r)[: len(bench.COLUMNS)] == list(bench.COLUMNS)
 
@@ -76,6 +77,28 @@ def test_rows_measure_what_they_claim(rows, tiny):
     assert by["KV cache (float)"]["perplexity"] == pytest.approx(base["perplexity"], rel=1e-4)
     assert "identical to no cache: True" in by["KV cache (float)"]["notes"]
     assert "identical to greedy: True" in next(r for r in rows if r["variant"].startswith("speculative"))["notes"]
+    # W8A8: int8 codes + fp16 row scales in place of fp32 weights
+    for variant in ("LLM.int8 (threshold 6)", "W8A8 static + SmoothQuant"):
+        assert by["RTN int4"]["bytes held"] < by[variant]["bytes held"] < base["bytes held"]
+        assert by[variant]["perplexity"] == pytest.approx(base["perplexity"], rel=0.05)
+    # the factorized embedding holds V*r + r*H instead of V*H (tiny: V=512, H=64, r=32)
+    cfg = model.config
+    rank = cfg.hidden_size // 2
+    factorized = by[f"embedding rank {rank} (SVD, no training)"]
+    assert base["bytes held"] - factorized["bytes held"] == 4 * (cfg.vocab_size * cfg.hidden_size
+                                                                - rank * (cfg.vocab_size + cfg.hidden_size))
+    # upcycled experts: 4x the MLP weights (+ routers), the same outputs before training
+    moe_row = by["upcycled, 4 experts top-2"]
+    mlp = 3 * cfg.hidden_size * cfg.intermediate_size * cfg.num_hidden_layers
+    assert moe_row["params"] - base["params"] == 3 * mlp + 4 * cfg.hidden_size * cfg.num_hidden_layers
+    assert moe_row["perplexity"] == pytest.approx(base["perplexity"], rel=1e-4)
+    # the tiny model's 3 layers are all sliding (window 8): a 4-token window on all of them changes the scores
+    window = by["window 4 on every layer"]
+    assert window["perplexity"] != pytest.approx(base["perplexity"], rel=1e-6) and "KV cache at 32,768" in window["notes"]
+    assert window["decode tok/s"] is None
+    # window 4 on every layer: 4 of the 8 cached tokens per layer at long context, so half the KV cache
+    own, windowed = window["kv_cache_bytes"]
+    assert own == 3 * 8 * 2 * 16 * 4 and windowed == own // 2  # layers x tokens kept x K,V x head_dim x fp32
     lora_row = by["LoRA r=8, all decoder linears"]
     assert lora_row["params"] > base["params"] and "trainable" in lora_row["notes"]
     watts = bench.make_settings(torch.device("cpu")).watts
