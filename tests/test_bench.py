@@ -10,6 +10,7 @@ from cookbook import bench
 from cookbook.cli import main
 from cookbook.errors import ModelLoadError
 from cookbook.evaluate import PerplexityProtocol, perplexity
+from cookbook.measure import GenerationSpeed
 from cookbook.models import tiny_model
 
 
@@ -105,6 +106,19 @@ def test_rows_measure_what_they_claim(rows, tiny):
     for r in rows:
         if r["decode tok/s"] is not None:
             assert r["decode tok/s"] > 0 and r["tokens/J"] == pytest.approx(r["decode tok/s"] / watts)
+
+
+def test_unseparated_decode_is_none_with_a_note_not_a_made_up_speed(tiny, monkeypatch):
+    model, tok = tiny
+    # what a loaded machine can time: the whole generate no slower than its one-token run
+    noisy = GenerationSpeed(prompt_tokens=8, new_tokens=3, prefill_s=0.37, first_token_s=0.38, generate_s=0.36)
+    monkeypatch.setattr(bench, "measure_generation", lambda *args, **kwargs: noisy)
+    settings = bench.make_settings(torch.device("cpu"), **TINY)
+    row = bench.finish_rows([bench.measure_model(model, tok, settings, "baseline", "as loaded", "float32", "x")],
+                            settings)[0]
+    assert row["decode tok/s"] is None and row["tokens/J"] is None and row["$/M tokens"] is None
+    assert row["notes"] == "x; " + bench.UNSEPARATED_DECODE
+    assert row["prefill tok/s"] == pytest.approx(8 / 0.37)
 
 
 def test_missing_student_is_reported_not_invented(tiny, tmp_path, monkeypatch):
