@@ -166,6 +166,8 @@ def represented_parameters(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, (Q.QuantLinear, Q.NF4Linear)):
             n += m.out_features * m.in_features
+        elif isinstance(m, (Q.Int8MixedLinear, Q.W8A8Linear)):
+            n += m.weight_codes.numel()
         elif isinstance(m, Q.Int8TiedEmbedding) and id(m) not in tables:
             tables.add(id(m))
             n += m.codes.numel()
@@ -237,7 +239,8 @@ def bench_precision(model, tokenizer, device, settings: BenchSettings) -> list[d
     if model.dtype == torch.bfloat16:
         return []
     work = _fresh_copy(model).to(torch.bfloat16)
-    note = "CPU: no native bf16 matmul on most cores, so it can be slower" if device.type == "cpu" else ""
+    note = ("CPU: bf16 is fast only with native bf16 matmuls (AVX512-BF16 / AMX); elsewhere it can be slower"
+            if device.type == "cpu" else "")
     row = measure_model(work, tokenizer, settings, "precision", "cast to bf16", "bf16", note)
     del work
     return [row]
@@ -678,34 +681,47 @@ def speed_vs_baseline(rows: Sequence[dict]) -> list[dict]:
 
 def plot_pareto(rows: Sequence[dict], title: str = "", path: Sequence[dict] = (), speed_key: str = "decode tok/s",
                 speed_label: str = "decode tokens/s (one stream)"):
-    """Two panels: perplexity vs bytes held, and perplexity vs `speed_key`; one point per row.
+    """Two panels: perplexity vs bytes held, and perplexity vs `speed_key`; one point per row, coloured by technique.
 
-    Red stars mark the Pareto front of `rows` + `path`; `path` (e.g. the recipe's stages, in order) is also
-    drawn as a green line from stage to stage.
+    Stars mark the Pareto front of `rows` + `path` and only they are labelled (the table names the rest);
+    `path` (e.g. the recipe's stages, in order) is also drawn as a green line from stage to stage.
     """
+    import matplotlib
+
     from .report import new_figure
 
-    fig, (ax_b, ax_s) = new_figure(2, width=6.5, height=4.5)
+    fig, (ax_b, ax_s) = new_figure(2, width=7.0, height=5.5)
     pts = [r for r in [*rows, *path] if r.get("perplexity") is not None]
+    techniques = list(dict.fromkeys(r["technique"] for r in pts))
+    palette = matplotlib.colormaps["tab20"].colors  # dark shades first, then the light ones: 20 distinct colours
+    colour = {t: palette[(2 * i) % 20 + (2 * i) // 20 % 2] for i, t in enumerate(techniques)}
     for ax, key, scale, xlabel in ((ax_b, "bytes held", 2**-20, "MiB held (whole model)"),
                                    (ax_s, speed_key, 1.0, speed_label)):
         front = {id(r) for r in pareto_front(pts, key, higher_is_better=key != "bytes held")}
+        labels: dict[tuple[float, float], list[str]] = {}
         for r in pts:
             if r.get(key) is None:
                 continue
-            x = r[key] * scale
-            ax.scatter(x, r["perplexity"], s=40, marker="*" if id(r) in front else "o",
-                       color="C3" if id(r) in front else "C0", zorder=3)
-            ax.annotate(label(r), (x, r["perplexity"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            x, on_front = r[key] * scale, id(r) in front
+            ax.scatter(x, r["perplexity"], s=110 if on_front else 35, marker="*" if on_front else "o",
+                       color=colour[r["technique"]], edgecolors="black" if on_front else "none", zorder=3)
+            if on_front:  # points at the same place share one label
+                labels.setdefault((round(x, 6), round(r["perplexity"], 6)), []).append(label(r))
+        for (x, y), names in labels.items():
+            ax.annotate(" / ".join(dict.fromkeys(names)), (x, y), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
         line = [(r[key] * scale, r["perplexity"]) for r in path if r.get(key) is not None and r.get("perplexity")]
         if line:
-            ax.plot(*zip(*line), color="C2", lw=1.5, alpha=0.8, zorder=2, label="the recipe, stage by stage")
-            ax.legend(loc="upper right", fontsize=8)
+            ax.plot(*zip(*line), color="C2", lw=1.5, alpha=0.8, zorder=2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity (log)")
         ax.set_yscale("log")
-    ax_b.set_title("quality vs memory (red stars: Pareto front)")
-    ax_s.set_title("quality vs speed (red stars: Pareto front)")
+    handles = [ax_b.scatter([], [], s=35, color=colour[t], label=t) for t in techniques]
+    if path:
+        handles += ax_b.plot([], [], color="C2", lw=1.5, label="the recipe, stage by stage")
+    ax_b.legend(handles=handles, loc="upper right", fontsize=7, title="technique", title_fontsize=7)
+    ax_b.set_title("quality vs memory (stars: Pareto front)")
+    ax_s.set_title("quality vs speed (stars: Pareto front)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

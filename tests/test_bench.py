@@ -82,6 +82,7 @@ def test_rows_measure_what_they_claim(rows, tiny):
     for variant in ("LLM.int8 (threshold 6)", "W8A8 static + SmoothQuant"):
         assert by["RTN int4"]["bytes held"] < by[variant]["bytes held"] < base["bytes held"]
         assert by[variant]["perplexity"] == pytest.approx(base["perplexity"], rel=0.05)
+        assert by[variant]["params"] == base["params"]  # the int8 codes stand for every weight
     # the factorized embedding holds V*r + r*H instead of V*H (tiny: V=512, H=64, r=32)
     cfg = model.config
     rank = cfg.hidden_size // 2
