@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import attention as A
 from . import decoding as dec
 from . import distillation as D
-from . import attention as A
 from . import lora
 from . import moe
 from . import pruning as P
@@ -394,20 +394,20 @@ def bench_moe(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
 
 
 def bench_attention(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
-    """A sliding window on the global attention layers too (notebook 09, our attention swapped in; on every layer
-    of a model without global layers): what it costs
-    in perplexity, and the KV cache it saves at long context. Bytes held do not change; decode is not timed
-    (the saving is in cache memory at long context, not in the short bench prompt)."""
+    """A sliding window on the global attention layers too (notebook 09, our attention swapped in; on every
+    layer of a model without global layers): what it costs in perplexity, and the KV cache it saves at long
+    context. Bytes held do not change; decode is not timed (the saving is in cache memory at long context,
+    not in the short bench prompt)."""
     window, context = settings.attention_window, 32_768
-    layers = "global" if None in A.layer_windows(model.config) else "all"  # a model with no global layer: all of them
-    windows = A.windows_for(model.config, window, layers)
-    where = "the global layers" if layers == "global" else "every layer"
+    own = A.layer_windows(model.config)  # None = a global layer
+    layers = "global" if None in own else "all"
+    windows = A.windows_for(model.config, window, layers)  # None = the layer keeps its own window
     with A.patterned_attention(model, windows=windows):
         ppl = perplexity(model, tokenizer, settings.protocol)
-    own = A.layer_windows(model.config)
-    effective = [w if w is not None else o for w, o in zip(windows, own)]  # None in `windows`: the layer's own
+    effective = [w if w is not None else o for w, o in zip(windows, own)]
     own_bytes, windowed = (A.kv_cache_bytes(model.config, context, dtype=model.dtype, windows=w)
                            for w in (own, effective))
+    where = "the global layers" if layers == "global" else "every layer"
     return [result_row("attention", f"window {window} on {where}", str(model.dtype).replace("torch.", ""),
                        model, ppl, kv_cache_bytes=(own_bytes, windowed),
                        notes=f"KV cache at {context:,} tokens: {format_bytes(own_bytes)} -> {format_bytes(windowed)}")]
