@@ -174,6 +174,11 @@ def represented_parameters(model: nn.Module) -> int:
     return n
 
 
+def dtype_name(model: nn.Module) -> str:
+    """The model's dtype as the report's format column writes it: 'float32', 'bfloat16', ..."""
+    return str(model.dtype).replace("torch.", "")
+
+
 def bench_prompt(tokenizer, settings: BenchSettings, device) -> torch.Tensor:
     """The one prompt every decode measurement uses: BOS + the eval text's first tokens, (1, t)."""
     ids = encode(tokenizer, load_text(settings.protocol.text), settings.prompt_tokens - 1)
@@ -230,7 +235,7 @@ def _fresh_copy(model: nn.Module) -> nn.Module:
 
 def bench_baseline(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
     """The model as loaded: the reference every other row is compared with."""
-    fmt = str(model.dtype).replace("torch.", "")
+    fmt = dtype_name(model)
     return [measure_model(model, tokenizer, settings, "baseline", "as loaded", fmt)]
 
 
@@ -318,7 +323,7 @@ def bench_wanda(model, tokenizer, device, settings: BenchSettings) -> list[dict]
     work = _fresh_copy(model)
     P.prune_wanda(work, P.collect_input_norms(work, calibration(tokenizer, settings, device)), 0.5)
     row = measure_model(work, tokenizer, settings, "pruning", "Wanda 50% unstructured",
-                        str(model.dtype).replace("torch.", ""),
+                        dtype_name(model),
                         f"{P.sparsity_of(work):.0%} zeros stored densely: no bytes or time saved without sparse kernels")
     del work
     return [row]
@@ -329,7 +334,7 @@ def bench_structured(model, tokenizer, device, settings: BenchSettings) -> list[
     work = _fresh_copy(model)
     inter = work.config.intermediate_size
     new = P.prune_mlp_channels(work, P.collect_input_norms(work, calibration(tokenizer, settings, device)), 0.25)
-    row = measure_model(work, tokenizer, settings, "pruning", "MLP channels -25%", str(model.dtype).replace("torch.", ""),
+    row = measure_model(work, tokenizer, settings, "pruning", "MLP channels -25%", dtype_name(model),
                         f"intermediate size {inter} -> {new}; no recovery fine-tune")
     del work
     return [row]
@@ -354,7 +359,7 @@ def saved_student(model, tokenizer, device) -> tuple[nn.Module | None, str]:
 
 def bench_distilled_student(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
     """The student notebook 06 saved at `distillation.student_dir()`, if it is there and fits this model."""
-    fmt = str(model.dtype).replace("torch.", "")
+    fmt = dtype_name(model)
     student, why_not = saved_student(model, tokenizer, device)
     if student is None:
         return [result_row("distillation", "saved student", fmt, notes=f"not measured: {why_not}")]
@@ -374,7 +379,7 @@ def bench_sharing(model, tokenizer, device, settings: BenchSettings) -> list[dic
     rank = model.config.hidden_size // 2
     with D.factorized_embedding(model, rank) as work:
         return [measure_model(work, tokenizer, settings, "parameter sharing", f"embedding rank {rank} (SVD, no training)",
-                              str(model.dtype).replace("torch.", ""),
+                              dtype_name(model),
                               f"V x {rank} + {rank} x H factors instead of V x H; not fine-tuned")]
 
 
@@ -386,7 +391,7 @@ def bench_moe(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
     moe.upcycle_mlps(work, experts, k)
     counts = moe.moe_parameter_counts(work.config, experts, k)
     row = measure_model(work, tokenizer, settings, "mixture of experts", f"upcycled, {experts} experts top-{k}",
-                        str(model.dtype).replace("torch.", ""),
+                        dtype_name(model),
                         f"{counts['total']:,} parameters, {counts['active']:,} active per token; untrained router "
                         "(identical experts: same outputs as dense)")
     del work
@@ -408,7 +413,7 @@ def bench_attention(model, tokenizer, device, settings: BenchSettings) -> list[d
     own_bytes, windowed = (A.kv_cache_bytes(model.config, context, dtype=model.dtype, windows=w)
                            for w in (own, effective))
     where = "the global layers" if layers == "global" else "every layer"
-    return [result_row("attention", f"window {window} on {where}", str(model.dtype).replace("torch.", ""),
+    return [result_row("attention", f"window {window} on {where}", dtype_name(model),
                        model, ppl, kv_cache_bytes=(own_bytes, windowed),
                        notes=f"KV cache at {context:,} tokens: {format_bytes(own_bytes)} -> {format_bytes(windowed)}")]
 
@@ -438,7 +443,7 @@ def cached_perplexity(model, tokenizer, protocol: PerplexityProtocol, cache_cls:
 def bench_kv_cache(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
     """Greedy decoding with our loops (notebook 10): no cache, float KV cache, int8 KV cache."""
     prompt = bench_prompt(tokenizer, settings, device)
-    n, fmt = settings.loop_new_tokens, str(model.dtype).replace("torch.", "")
+    n, fmt = settings.loop_new_tokens, dtype_name(model)
     plain_tps = lambda g: g.tokens_per_s()
     cached_tps = lambda out: out[0].tokens_per_s()  # generate_with_cache returns (generation, cache)
     no_cache, no_cache_tps = best_of(lambda: dec.generate_no_cache(model, prompt, n), plain_tps, settings)
@@ -462,7 +467,7 @@ def bench_speculative(model, tokenizer, device, settings: BenchSettings) -> list
     """Greedy speculative decoding with two drafts: the first 2/3 of the layers (shares every weight), and
     notebook 06's distilled student when it is saved."""
     prompt = bench_prompt(tokenizer, settings, device)
-    n, fmt = settings.loop_new_tokens, str(model.dtype).replace("torch.", "")
+    n, fmt = settings.loop_new_tokens, dtype_name(model)
     layers = model.config.num_hidden_layers
     plain, _ = dec.generate_with_cache(model, prompt, n)
     student, why_not = saved_student(model, tokenizer, device)
@@ -495,7 +500,7 @@ def bench_serving(model, tokenizer, device, settings: BenchSettings) -> list[dic
                                      bos_id=tokenizer.bos_token_id)
     cost = sv.fit_pass_cost(model, requests[0].prompt_ids[:32], sorted({1, 2, settings.max_batch}))
     overload = sv.with_rate(requests, 1000.0, 1.0)  # every request waiting at t ~ 0: the throughput limit
-    fmt = str(model.dtype).replace("torch.", "")
+    fmt = dtype_name(model)
     rows = []
     for kind in ("static", "continuous"):
         res = sv.simulate(model, overload, sv.Policy(kind, settings.max_batch), sv.VirtualClock(cost))
@@ -517,7 +522,7 @@ def bench_lora(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
     full = count_parameters(work)
     lora.add_lora(work, targets, rank=8, alpha=16)
     trainable = count_parameters(work, trainable_only=True)
-    fmt = str(model.dtype).replace("torch.", "")
+    fmt = dtype_name(model)
     rows = [
         result_row("fine-tuning", "full fine-tune", fmt, model,
                    notes=f"{full:,} trainable; gradient + AdamW state {12 * full:,} B"),
@@ -537,7 +542,7 @@ def recipe_for(settings: BenchSettings) -> R.Recipe:
 
 def recipe_stage_row(stage: str, model, tokenizer, settings: BenchSettings, recipe: R.Recipe, result) -> dict:
     """One measured row after a stage of `recipe.apply_recipe`, labelled with everything applied so far."""
-    fmt = str(model.dtype).replace("torch.", "")
+    fmt = dtype_name(model)
     if stage == "prune":
         variant, notes = f"recipe 1: MLP -{recipe.mlp_fraction:.0%}", f"intermediate size -> {result}; no recovery yet"
     elif stage == "distill":
