@@ -6,7 +6,9 @@ synchronised before each clock read).
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 import statistics
 import threading
 import time
@@ -137,10 +139,11 @@ def time_function(fn: Callable[[], object], warmup: int = 1, repeats: int = 5, d
 class GenerationSpeed:
     """Prefill (the prompt in one pass) and decode (one token per step) speeds of greedy generation.
 
-    `prefill_s` is one bare forward over the prompt. `first_token_s` is a whole `generate` of ONE token
-    (prefill plus generate's own fixed costs: cache set-up, logits processing) and `generate_s` one of
-    `new_tokens` tokens; their difference is `new_tokens - 1` decode steps and nothing else, so the
-    fixed costs cancel instead of being charged to decode.
+    `prefill_s` is one bare forward over the prompt that scores its last position (`prefill_logits`).
+    `first_token_s` is a whole `generate` of ONE token (prefill plus generate's own fixed costs: cache
+    set-up, logits processing) and `generate_s` one of `new_tokens` tokens; their difference is
+    `new_tokens - 1` decode steps and nothing else, so the fixed costs cancel instead of being charged
+    to decode.
     """
 
     prompt_tokens: int
@@ -168,6 +171,15 @@ class GenerationSpeed:
 STATISTICS = ("median", "min")
 
 
+def prefill_logits(model, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """One forward pass over the prompt (1, t) that scores only the last position, as `generate`'s prefill
+    does: (1, 1, vocab). Scoring every position would add t x vocab logits that generation never uses
+    (for Gemma's 262k vocabulary that is most of a short prompt's cost)."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(input_ids=prompt_ids, logits_to_keep=1).logits
+    return model(input_ids=prompt_ids).logits[:, -1:]
+
+
 @torch.no_grad()
 def measure_generation(
     model, prompt_ids: torch.Tensor, new_tokens: int = 32, warmup: int = 1, repeats: int = 3,
@@ -190,7 +202,7 @@ def measure_generation(
             max_new_tokens=n, min_new_tokens=n, do_sample=False,
         ), warmup, repeats, model.device)
 
-    prefill = time_function(lambda: model(input_ids=prompt_ids), warmup, repeats, model.device)
+    prefill = time_function(lambda: prefill_logits(model, prompt_ids), warmup, repeats, model.device)
     first, whole = generate(1), generate(new_tokens)
     pick = (lambda t: t.median_s) if statistic == "median" else (lambda t: t.min_s)
     return GenerationSpeed(prompt_ids.shape[1], new_tokens, pick(prefill), pick(first), pick(whole))
@@ -205,6 +217,20 @@ def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5, device=None) -
     return 2 * nbytes / timing.median_s
 
 
+# ---------------------------------------------------------------- the CPU
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Elsewhere PyTorch's bf16 matmuls
+    run converted or generic code: bf16 can be slower than fp32, and its matmul backward much slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 # ---------------------------------------------------------------- memory
 
 
@@ -213,18 +239,50 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (Linux: VmHWM) at the current RSS; False where unsupported."""
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+        return kernel_peak_rss() is not None
+    except OSError:
+        return False
+
+
+def kernel_peak_rss() -> int | None:
+    """The kernel's own peak RSS of this process in bytes (VmHWM), or None where it does not tell."""
+    try:
+        with open(_STATUS) as f:
+            match = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
+_OPEN_PEAKS: list[PeakMemory] = []  # PeakMemory contexts now open, outermost first
+
+
 @dataclass
 class PeakMemory:
-    """Context manager: peak CPU RSS (sampled every `interval_s`) and peak CUDA allocation inside it.
+    """Context manager: peak CPU RSS and peak CUDA allocation inside it.
 
     `cpu_peak_bytes` is the process's peak resident memory, `cpu_increase_bytes` how far it rose above
     the level at entry; `cuda_peak_bytes` is torch's peak allocated memory (0 without a GPU).
+    On Linux the peak is the kernel's own counter (VmHWM, reset on entry), so no allocation is missed
+    however briefly it lived; elsewhere RSS is sampled every `interval_s` by a thread, which can miss
+    a peak shorter than the interval. Nested contexts work: entering one hands the peak so far to the
+    contexts already open before it resets the counter.
     """
 
     interval_s: float = 0.005
     cpu_start_bytes: int = 0
     cpu_peak_bytes: int = 0
     cuda_peak_bytes: int = 0
+    exact: bool = False  # True when the kernel counted the peak (no sampling)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -233,13 +291,20 @@ class PeakMemory:
         return self.cpu_peak_bytes - self.cpu_start_bytes
 
     def __enter__(self) -> PeakMemory:
+        peak_so_far = kernel_peak_rss()
+        for outer in _OPEN_PEAKS:
+            outer.cpu_peak_bytes = max(outer.cpu_peak_bytes, peak_so_far or 0)
+        _OPEN_PEAKS.append(self)
+        self.exact = reset_peak_rss()
         self.cpu_start_bytes = self.cpu_peak_bytes = rss_bytes()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._thread = None
+        if not self.exact:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def _sample(self) -> None:
@@ -248,10 +313,12 @@ class PeakMemory:
             self._stop.wait(self.interval_s)
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join()
-        self.cpu_peak_bytes = max(self.cpu_peak_bytes, rss_bytes())
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        peak = kernel_peak_rss() if self.exact else None
+        self.cpu_peak_bytes = max(self.cpu_peak_bytes, rss_bytes(), peak or 0)
+        _OPEN_PEAKS.remove(self)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             self.cuda_peak_bytes = torch.cuda.max_memory_allocated()
