@@ -485,25 +485,38 @@ def quantize_linears_nf4(model: nn.Module, block_size: int = 64, double_quant: b
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
-    """Run the model once and return the hidden states entering layer 0 (n, t, d) and the keyword
-    arguments (masks, rotary embeddings) each decoder layer receives, so layers can be re-run alone."""
+    """The hidden states entering layer 0 (n, t, d) and the keyword arguments (masks, rotary embeddings)
+    each decoder layer receives, so layers can be re-run alone.
+
+    The decoder runs once with every layer replaced by a recorder that passes its input through: the
+    masks and rotary tables are built before the layer loop, so no layer has to compute anything here.
+    """
     layers = model.model.layers
     captured: dict = {"kwargs": [None] * len(layers)}
-
-    def make_hook(i: int):
-        def hook(_module, args, kwargs):
-            if i == 0:
-                captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-            captured["kwargs"][i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        return hook
-
-    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    model.model.layers = nn.ModuleList(_LayerRecorder(layer, i, captured) for i, layer in enumerate(layers))
     try:  # the decoder stack only: the lm_head's logits (n, t, 262144) would cost 1 GiB per 1024 tokens
         model.model(input_ids=input_ids.to(model.device), use_cache=False)
     finally:
-        for h in handles:
-            h.remove()
+        model.model.layers = layers
     return captured["hidden"], captured["kwargs"]
+
+
+class _LayerRecorder(nn.Module):
+    """Stands in for decoder layer `index` while `capture_layer_inputs` runs: records, passes through."""
+
+    def __init__(self, layer: nn.Module, index: int, captured: dict) -> None:
+        super().__init__()
+        self.index, self.captured = index, captured
+        if hasattr(layer, "attention_type"):  # some decoders pick the layer's mask by this attribute
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args:
+            raise TypeError("capture_layer_inputs expects decoder layers called as layer(hidden, **kwargs).")
+        if self.index == 0:
+            self.captured["hidden"] = hidden_states
+        self.captured["kwargs"][self.index] = kwargs
+        return hidden_states
 
 
 @torch.no_grad()
@@ -528,9 +541,23 @@ def collect_linear_inputs(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
-    """The layer-wise proxy Hessian of GPTQ, H = 2 X^T X / n, from inputs x (n, in): (in, in)."""
-    x = x.double()
-    return (2.0 / x.shape[0]) * (x.T @ x)
+    """The layer-wise proxy Hessian of GPTQ, H = 2 X^T X / n, from inputs x (n, in): (in, in), float64.
+
+    The product runs in float32, as in the GPTQ reference code (a float64 GEMM costs twice as much and
+    buys nothing: x itself carries float32 rounding); the Cholesky factorisations then run in float64.
+    """
+    x = x.float()
+    return ((2.0 / x.shape[0]) * (x.T @ x)).double()
+
+
+def shared_hessians(xs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`hessian` of each linear's inputs, computed once per distinct input: q/k/v read the same normed
+    hidden states and gate/up the same MLP input, so a decoder layer needs 4 products, not 7."""
+    out: dict[str, torch.Tensor] = {}
+    for name, x in xs.items():
+        twin = next((n for n in out if xs[n].shape == x.shape and torch.equal(xs[n], x)), None)
+        out[name] = out[twin] if twin is not None else hessian(x)
+    return out
 
 
 # ---------------------------------------------------------------- GPTQ
@@ -641,10 +668,11 @@ def quantize_model_layerwise(model: nn.Module, calib_ids: torch.Tensor, method: 
         if i in chosen:
             xs = collect_linear_inputs(layer, hidden, kwargs[i], max_rows=awq_rows if method == "awq" else None)
             new = {}
+            hessians = shared_hessians(xs) if method == "gptq" else {}
             for name, x in xs.items():
                 linear = layer.get_submodule(name)
                 if method == "gptq":
-                    qw = gptq_quantize(linear.weight, hessian(x), bits, group_size, symmetric)
+                    qw = gptq_quantize(linear.weight, hessians[name], bits, group_size, symmetric)
                     new[name] = QuantLinear(qw, linear.bias)
                 else:
                     s, _, _ = awq_search_scale(linear.weight, x, bits, group_size, symmetric)

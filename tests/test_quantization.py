@@ -10,6 +10,7 @@ from cookbook import count_parameters, model_bytes
 from cookbook.models import tiny_model
 from cookbook.quantization import (
     NF4_CODEBOOK, Int8MixedLinear, NF4Linear, QuantLinear, W8A8Linear, activation_absmax, awq_search_scale,
+    capture_layer_inputs, shared_hessians,
     decoder_linears, dequantize_nf4, dtype_summary, fake_quantize, gptq_quantize, hessian, pack_bits,
     pack_int4, quantize_linears_nf4, quantize_linears_rtn, quantize_model_layerwise, quantize_nf4,
     quantize_per_tensor, quantize_weight, restore_modules, smoothing_scale, unpack_bits, unpack_int4,
@@ -306,3 +307,23 @@ def test_int8_tied_embedding_on_tiny_model():
     assert before - model_bytes(model) == 512 * 64 * 4 - (512 * 64 + 512 * 2)
     restore_modules(model, originals)
     assert torch.equal(model(input_ids=ids).logits, ref)
+
+
+def test_captured_layer_inputs_replay_the_decoder_exactly():
+    model = tiny_model().eval()
+    ids = torch.randint(3, 500, (2, 12))
+    hidden, kwargs = capture_layer_inputs(model, ids)  # (2, 12, d), one kwargs dict per layer
+    assert all(isinstance(layer, torch.nn.Module) and type(layer).__name__ != "_LayerRecorder"
+               for layer in model.model.layers), "the real layers are back in place"
+    with torch.no_grad():
+        for layer, kw in zip(model.model.layers, kwargs):
+            hidden = layer(hidden, **kw)
+        reference = model.model(input_ids=ids, use_cache=False).last_hidden_state  # (2, 12, d)
+    torch.testing.assert_close(model.model.norm(hidden), reference)
+
+
+def test_shared_hessians_compute_one_product_per_distinct_input():
+    a, b = torch.randn(64, 8), torch.randn(64, 16)
+    hs = shared_hessians({"q": a, "k": a.clone(), "down": b})
+    assert hs["q"] is hs["k"] and hs["q"].dtype == torch.float64
+    torch.testing.assert_close(hs["down"], 2.0 / 64 * (b.double().T @ b.double()), rtol=1e-5, atol=1e-5)  # float32 GEMM
