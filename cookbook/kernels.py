@@ -1,0 +1,199 @@
+"""Packed-integer kernels for quantized decode: the weight is never rebuilt in float.
+
+`QuantLinear.forward` (quantization.py) is the readable reference: unpack every code, dequantize the whole
+weight to float32, matmul. For one decode token that reads the packed bytes, writes a float32 matrix and
+reads it back: more memory traffic than the float32 layer it replaced. The modules here hand the SAME codes
+to PyTorch's packed matmuls, which dequantize inside the kernel, tile by tile, in registers:
+
+- int4, one scale and zero per group of 32/64/128/256 inputs: `aten._weight_int4pack_mm_for_cpu`, after
+  `aten._convert_weight_to_int4pack_for_cpu` has laid the codes out for it (2 codes per byte);
+- int8, one scale per output channel: `aten._weight_int8pack_mm` (1 byte per weight).
+
+Both kernels are fast with bfloat16 activations and fall back to slow scalar code with float32 ones, so the
+activation is cast to bf16 around the call only; the rest of the model keeps its dtype. Where a format has no
+kernel (NF4's non-uniform levels, int8 in groups, shapes the kernel rejects) `pack_quantized_linears` says so
+and raises, or, with `fallback=True`, keeps the reference module and returns the reason: never a silent
+slowdown. CPU only for now: on CUDA the reference path runs, and `packed_support` says why.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .measure import cpu_has_native_bf16
+from .quantization import Int8TiedEmbedding, QuantizedWeight, QuantLinear, _HeadView, swap_modules
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
+INT4_ROW_MULTIPLE = 16  # the CPU int4 layout packs 16 output rows together
+KERNEL_DTYPE = torch.bfloat16  # the activation dtype the packed kernels are fast with
+
+
+def packed_support() -> dict[str, bool]:
+    """Which packed kernels this torch build has (CPU ops), and whether the CPU has native bf16 math."""
+    ops = torch.ops.aten
+    return {
+        "int8": hasattr(ops, "_weight_int8pack_mm"),
+        "int4": hasattr(ops, "_convert_weight_to_int4pack_for_cpu") and hasattr(ops, "_weight_int4pack_mm_for_cpu"),
+        "native bf16": cpu_has_native_bf16(),
+    }
+
+
+def why_not_packed(qw: QuantizedWeight) -> str | None:
+    """None when `qw` has a packed kernel here, else what rules it out (and what would work)."""
+    out, inp = qw.codes.shape
+    support = packed_support()
+    if qw.codes.device.type != "cpu":
+        return f"the packed kernels here are CPU kernels; this weight is on {qw.codes.device.type}"
+    if qw.bits == 4:
+        if not support["int4"]:
+            return f"this torch ({torch.__version__}) has no aten._weight_int4pack_mm_for_cpu; upgrade torch"
+        if qw.group_size not in INT4_GROUP_SIZES or inp % qw.group_size:
+            return (f"the int4 kernel takes groups of {INT4_GROUP_SIZES} dividing in_features; got group "
+                    f"{qw.group_size} for in_features={inp} (quantize with group_size=128 or 64)")
+        if out % INT4_ROW_MULTIPLE:
+            return f"the CPU int4 kernel needs out_features divisible by {INT4_ROW_MULTIPLE}; got {out}"
+        return None
+    if qw.bits == 8:
+        if not support["int8"]:
+            return f"this torch ({torch.__version__}) has no aten._weight_int8pack_mm; upgrade torch"
+        if qw.group_size != inp:
+            return (f"the int8 kernel takes one scale per output channel; got groups of {qw.group_size} "
+                    "(quantize with group_size=None)")
+        return None
+    return f"no packed kernel for {qw.bits}-bit codes (int4 in groups and int8 per channel have one)"
+
+
+class _PackedLinear(nn.Module):
+    """What the packed linears share: AWQ's input scale, the bf16 cast around the kernel, the bias."""
+
+    def __init__(self, qw: QuantizedWeight, bits: int, bias: torch.Tensor | None,
+                 input_scale: torch.Tensor | None) -> None:
+        super().__init__()
+        reason = why_not_packed(qw) if qw.bits == bits else f"it holds {qw.bits}-bit codes, not {bits}-bit"
+        if reason is not None:
+            raise ValueError(f"{type(self).__name__} cannot take this weight: {reason}.")
+        self.out_features, self.in_features = qw.codes.shape
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def _kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)  # (..., in) AWQ: the activations carry 1/s
+        return x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # (m, in)
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., out)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+class PackedInt4Linear(_PackedLinear):
+    """A QuantLinear's 4-bit codes in the int4 kernel's layout; forward never builds the float weight.
+
+    w = (code - zero) * scale per group is rewritten as (code - 8) * scale + (8 - zero) * scale, the
+    kernel's form: `scales_and_zeros` (in // group, out, 2) holds scale and (8 - zero) * scale.
+    """
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+                 input_scale: torch.Tensor | None = None) -> None:
+        super().__init__(qw, 4, bias, input_scale)
+        self.group_size = qw.group_size
+        codes = qw.codes.to(torch.int32)  # (out, in) in [0, 15]
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))  # (out, in/2)
+        scale = qw.scale.float()  # (out, in // group)
+        offset = (8 - qw.zero.float()) * scale  # (out, in // group)
+        self.register_buffer("scales_and_zeros", torch.stack([scale.T, offset.T], dim=-1).to(KERNEL_DTYPE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = self._kernel_input(x)  # (m, in) bf16
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        return self._output(y, x)  # (..., out)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, kernel=int4pack"
+
+
+class PackedInt8Linear(_PackedLinear):
+    """A QuantLinear's 8-bit per-channel codes as int8 for `_weight_int8pack_mm`.
+
+    Codes c in [0, 255] with zero z: w = (c - z) * s = (c - 128) * s - (z - 128) * s, so
+    y = kernel(x, c - 128, s) - s * (z - 128) * sum(x): the zero point costs one extra sum per token.
+    """
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+                 input_scale: torch.Tensor | None = None) -> None:
+        super().__init__(qw, 8, bias, input_scale)
+        self.register_buffer("codes", (qw.codes.to(torch.int16) - 128).to(torch.int8))  # (out, in)
+        scale = qw.scale.float().flatten()  # (out,)
+        self.register_buffer("scale", scale.to(KERNEL_DTYPE))
+        shift = (qw.zero.float().flatten() - 128) * scale  # (out,) zero for the symmetric grid
+        self.register_buffer("zero_shift", None if qw.symmetric else shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = self._kernel_input(x)  # (m, in) bf16
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scale).float()  # (m, out)
+        if self.zero_shift is not None:
+            y = y - x2.float().sum(-1, keepdim=True) * self.zero_shift  # (m, out)
+        return self._output(y, x)  # (..., out)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, kernel=int8pack"
+
+
+def packed_linear(module: QuantLinear) -> nn.Module:
+    """The packed-kernel twin of a QuantLinear (same codes, same scales); ValueError says why not."""
+    qw = module.quantized_weight()
+    reason = why_not_packed(qw)
+    if reason is not None:
+        raise ValueError(f"No packed kernel for {module.extra_repr()}: {reason}.")
+    cls = PackedInt4Linear if qw.bits == 4 else PackedInt8Linear
+    return cls(qw, module.bias, module.input_scale)
+
+
+def pack_quantized_linears(model: nn.Module, fallback: bool = False) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Swap every QuantLinear in `model` for its packed twin, in place.
+
+    Returns (originals for `restore_modules`, {name: reason} of the modules left on the reference path).
+    With fallback=False (the default) any module without a kernel raises instead, naming it and why.
+    """
+    new, kept = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            reason = why_not_packed(module.quantized_weight())
+            if reason is None:
+                new[name] = packed_linear(module)
+            elif fallback:
+                kept[name] = reason
+            else:
+                raise ValueError(f"{name} has no packed kernel: {reason}. Pass fallback=True to keep it on "
+                                 "the reference (dequantize-then-matmul) path.")
+    if not new and not kept:
+        raise ValueError("The model holds no QuantLinear: quantize it first (e.g. quantize_linears_rtn).")
+    return swap_modules(model, new), kept
+
+
+class PackedInt8Head(nn.Module):
+    """The int8 tied table's logits (quantization.Int8TiedEmbedding: int8 rows, one scale per row) through
+    `_weight_int8pack_mm`: the 262k x 640 head is read as 1 byte per weight, never as a float copy."""
+
+    def __init__(self, table: Int8TiedEmbedding) -> None:
+        super().__init__()
+        if not packed_support()["int8"]:
+            raise ValueError(f"this torch ({torch.__version__}) has no aten._weight_int8pack_mm; upgrade torch.")
+        self.table = table  # shared with the embedding lookup: the codes are stored once
+        self.register_buffer("kernel_scale", table.scale.flatten().to(KERNEL_DTYPE))  # (V,) in the kernel dtype
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h2 = h.reshape(-1, h.shape[-1]).to(KERNEL_DTYPE)  # (m, d)
+        logits = torch.ops.aten._weight_int8pack_mm(h2, self.table.codes, self.kernel_scale)  # (m, V)
+        return logits.to(h.dtype).reshape(*h.shape[:-1], -1)  # (..., V)
+
+
+def pack_int8_head(model: nn.Module) -> dict[str, nn.Module]:
+    """Give a model whose tied table is already int8 (`quantize_tied_embedding_int8`) the packed head."""
+    head = model.lm_head
+    if not isinstance(head, _HeadView):
+        raise ValueError("pack_int8_head needs the int8 tied table first: call "
+                         "quantization.quantize_tied_embedding_int8(model).")
+    return swap_modules(model, {"lm_head": PackedInt8Head(head.table)})

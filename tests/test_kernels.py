@@ -1,0 +1,123 @@
+import pytest
+import torch
+from torch import nn
+
+from cookbook import kernels as K
+from cookbook import quantization as Q
+from cookbook.models import tiny_model
+
+pytestmark = pytest.mark.skipif(not (K.packed_support()["int4"] and K.packed_support()["int8"]),
+                                reason="this torch has no packed int4/int8 CPU kernels")
+
+
+def _linear(out=64, inp=256, bias=True):
+    torch.manual_seed(0)
+    return nn.Linear(inp, out, bias=bias)
+
+
+def _rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 64, False), (4, 128, True), (4, 32, False),
+                                                  (8, None, True), (8, None, False)])
+def test_packed_matches_the_dequantize_then_matmul_reference(bits, group, symmetric):
+    ref = Q.QuantLinear.from_linear(_linear(), bits, group, symmetric)
+    fast = K.packed_linear(ref)
+    x = torch.randn(3, 5, 256)  # (b, t, in)
+    with torch.no_grad():
+        # the kernels take bf16 activations: about 3 significant digits, so ~0.5% relative error
+        assert _rel_err(fast(x), ref(x)) < 1e-2
+        assert fast(x).shape == (3, 5, 64) and fast(x).dtype == x.dtype
+
+
+def test_awq_input_scale_is_applied():
+    lin = _linear(bias=False)
+    s = torch.rand(256) + 0.5
+    ref = Q.QuantLinear(Q.quantize_weight(lin.weight.detach() * s, 4, 64, False), None, input_scale=s)
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        assert _rel_err(K.packed_linear(ref)(x), ref(x)) < 1e-2
+
+
+def test_packed_stores_half_a_byte_per_int4_weight():
+    fast = K.packed_linear(Q.QuantLinear.from_linear(_linear(), 4, 64, False))
+    assert fast.packed.numel() == 64 * 256 // 2 and fast.packed.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("bits,group,inp,out,needle", [
+    (4, 96, 192, 64, "groups of"), (4, 64, 256, 24, "divisible by 16"), (8, 64, 256, 64, "per output channel"),
+    (3, 64, 256, 64, "no packed kernel for 3-bit"),
+])
+def test_unsupported_formats_say_why(bits, group, inp, out, needle):
+    ref = Q.QuantLinear.from_linear(_linear(out, inp), bits, group, False)
+    with pytest.raises(ValueError, match=needle):
+        K.packed_linear(ref)
+
+
+def test_whole_model_swap_reports_or_refuses_what_cannot_be_packed():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="quantize it first"):
+        K.pack_quantized_linears(model)
+    Q.quantize_linears_rtn(model, 4, 32, symmetric=False)
+    name, first = next((n, m) for n, m in model.named_modules() if isinstance(m, Q.QuantLinear))
+    three_bit = Q.QuantLinear(Q.quantize_weight(first.dequantized_weight(), 3, 32, False))
+    Q.swap_modules(model, {name: three_bit})
+    with pytest.raises(ValueError, match=f"{name} has no packed kernel.*fallback=True"):
+        K.pack_quantized_linears(model)
+    originals, kept = K.pack_quantized_linears(model, fallback=True)
+    assert list(kept) == [name] and "3-bit" in kept[name]
+    assert sum(isinstance(m, Q.QuantLinear) for m in model.modules()) == 1  # only the 3-bit one stays
+    Q.restore_modules(model, originals)
+    assert not any(isinstance(m, (K.PackedInt4Linear, K.PackedInt8Linear)) for m in model.modules())
+
+
+def test_packed_tiny_model_logits_match_the_reference():
+    model = tiny_model().eval()
+    Q.quantize_linears_rtn(model, 4, 32, symmetric=False)
+    ids = torch.randint(3, 500, (2, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        K.pack_quantized_linears(model)
+        assert _rel_err(model(input_ids=ids).logits, ref) < 2e-2
+
+
+def _dequantized_twin(module: Q.QuantLinear) -> nn.Linear:
+    # the reference computation (dequantize, then a float matmul) with the weight rebuilt once, not per call
+    lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    lin.weight.data = module.dequantized_weight()
+    if module.bias is not None:
+        lin.bias.data = module.bias.float()
+    return lin
+
+
+def test_packed_real_model_gives_the_reference_greedy_tokens(real_model):
+    # a random tiny model has near-tied logits; the real one is where "same greedy text" means something
+    model, tok = real_model
+    ids = tok("The capital of France is", return_tensors="pt").input_ids  # (1, t)
+    originals = Q.quantize_linears_rtn(model, 4, 128, symmetric=False)
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, Q.QuantLinear)}
+    try:
+        with torch.no_grad():
+            Q.swap_modules(model, {n: _dequantized_twin(m) for n, m in quantized.items()})
+            ref_logits = model(input_ids=ids).logits[0, -1]
+            ref = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False)
+            Q.swap_modules(model, {n: K.packed_linear(m) for n, m in quantized.items()})
+            fast_logits = model(input_ids=ids).logits[0, -1]
+            fast = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False)
+    finally:
+        Q.restore_modules(model, originals)
+    assert _rel_err(fast_logits, ref_logits) < 2e-2
+    assert torch.equal(fast, ref), (tok.decode(fast[0]), tok.decode(ref[0]))
+
+
+def test_packed_int8_head_matches_the_int8_table():
+    model = tiny_model().eval()
+    with pytest.raises(ValueError, match="int8 tied table first"):
+        K.pack_int8_head(model)
+    Q.quantize_tied_embedding_int8(model)
+    h = torch.randn(2, 3, model.config.hidden_size)
+    with torch.no_grad():
+        ref = model.lm_head(h)
+        K.pack_int8_head(model)
+        assert _rel_err(model.lm_head(h), ref) < 1e-2
