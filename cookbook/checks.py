@@ -25,12 +25,14 @@ def assert_close(measured: Mapping[Hashable, float], expected: Mapping[Hashable,
     measured / expected: figure name -> value (the same keys); rel: e.g. 0.02 for 2%.
     """
     if set(measured) != set(expected):
-        raise KeyError(f"measured and expected name different figures: {sorted(map(str, set(measured) ^ set(expected)))}")
+        names = sorted(map(str, set(measured) ^ set(expected)))
+        raise KeyError(f"measured and expected name different figures: {names}")
     if not rel > 0:
         raise ValueError(f"rel must be a positive relative tolerance, e.g. 0.02; got {rel!r}")
     off = {k: (measured[k], v) for k, v in expected.items() if not _within(measured[k], v, rel)}
     if off:
-        lines = [f"  {k}: measured {m:.6g}, expected {e:.6g} +- {rel:.0%} ({_deviation(m, e)})" for k, (m, e) in off.items()]
+        lines = [f"  {k}: measured {m:.6g}, expected {e:.6g} +- {rel:.0%} ({_deviation(m, e)})"
+                 for k, (m, e) in off.items()]
         raise AssertionError("figures outside the cross-machine tolerance:\n" + "\n".join(lines))
 
 

@@ -13,13 +13,12 @@ Both kernels are fast with bfloat16 activations and fall back to slow scalar cod
 activation is cast to bf16 around the call only; the rest of the model keeps its dtype. Where a format has no
 kernel (NF4's non-uniform levels, int8 in groups, shapes the kernel rejects) `pack_quantized_linears` says so
 and raises, or, with `fallback=True`, keeps the reference module and returns the reason: never a silent
-slowdown. CPU only for now: on CUDA the reference path runs, and `packed_support` says why.
+slowdown. CPU kernels only for now: for a weight on a GPU `why_not_packed` says so.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .measure import cpu_has_native_bf16
@@ -43,7 +42,7 @@ def packed_support() -> dict[str, bool]:
 def why_not_packed(qw: QuantizedWeight) -> str | None:
     """None when `qw` has a packed kernel here, else what rules it out (and what would work)."""
     out, inp = qw.codes.shape
-    support = packed_support()
+    support = packed_support()  # (cheap: attribute look-ups and a cached CPU-flag read)
     if qw.codes.device.type != "cpu":
         return f"the packed kernels here are CPU kernels; this weight is on {qw.codes.device.type}"
     if qw.bits == 4:

@@ -6,6 +6,7 @@ synchronised before each clock read).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import re
@@ -220,6 +221,7 @@ def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5, device=None) -
 # ---------------------------------------------------------------- the CPU
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Elsewhere PyTorch's bf16 matmuls
     run converted or generic code: bf16 can be slower than fp32, and its matmul backward much slower."""
