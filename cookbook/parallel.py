@@ -595,8 +595,9 @@ def launch(mode: str, out: str | Path, nproc: int = 2, args: Sequence[str] = (),
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun {mode} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
     result = json.loads(out.read_text())
-    result["command"] = " ".join(["torchrun", *cmd[3:]])
-    result["log"] = proc.stdout
+    work = str(out.parent)  # shown as $WORK: a printed command holds no path of this machine
+    result["command"] = " ".join(["torchrun", *cmd[3:]]).replace(work, "$WORK")
+    result["log"] = proc.stdout.replace(work, "$WORK")
     return result
 
 

@@ -159,6 +159,8 @@ def test_data_parallel_matches_one_process(tiny_run, mode):
     folder, args, ref = tiny_run
     result = P.launch(mode, folder / f"{mode}.json", args=args, timeout=120)
     saved = torch.load(folder / f"{mode}.pt")
+    # the printed command names the run's files, not this machine's temporary folder
+    assert f"--out $WORK/{mode}.json" in result["command"] and str(folder) not in result["command"] + result["log"]
     assert result["world_size"] == 2 and result["backend"] == ("nccl" if torch.cuda.is_available() else "gloo")
     assert result["losses"] == pytest.approx(ref["losses"], rel=1e-5)
     assert P.max_relative_error(saved["first_grads"], ref["grads"]) < 1e-4
