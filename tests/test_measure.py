@@ -1,4 +1,6 @@
+import contextlib
 import math
+import mmap
 
 import pytest
 import torch
@@ -47,10 +49,18 @@ def test_time_function_reports_the_median():
         time_function(lambda: None, repeats=0)
 
 
+@contextlib.contextmanager
+def _fresh_64_mib():
+    """64 MiB of new pages, touched, unmapped on exit. Straight from mmap: a torch tensor's memory may come
+    from pages the allocator kept resident after earlier tests freed them, which raise no RSS at all."""
+    with mmap.mmap(-1, 64 * 2**20) as pages:
+        torch.frombuffer(pages, dtype=torch.uint8).fill_(1)  # every page touched: now resident
+        yield
+
+
 def _allocate_and_free_64_mib() -> None:
-    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, freed before the context ends
-    x += 1
-    del x
+    with _fresh_64_mib():
+        pass
 
 
 def test_peak_memory_sees_a_short_lived_allocation():
@@ -74,10 +84,9 @@ def test_nested_peak_memory_keeps_the_outer_peak():
 
 def test_peak_memory_samples_where_the_kernel_does_not_count(monkeypatch):
     monkeypatch.setattr(measure, "reset_peak_rss", lambda: False)
-    with PeakMemory() as mem:
-        x = torch.ones(64 * 2**20 // 4)  # held until the context ends: the sampler cannot miss it
-        x += 1
-    del x
+    with contextlib.ExitStack() as held:
+        with PeakMemory() as mem:
+            held.enter_context(_fresh_64_mib())  # still held when the context ends: the sampler cannot miss it
     assert not mem.exact and mem.cpu_increase_bytes > 32 * 2**20
 
 
