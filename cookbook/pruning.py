@@ -246,7 +246,7 @@ class InputStatistics:
 
     def __init__(self, linears: dict[str, nn.Linear], hessian: bool = False):
         self.sq_norm = {name: torch.zeros(lin.in_features, dtype=torch.float64) for name, lin in linears.items()}
-        self.gram = ({name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32)
+        self.gram = ({name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64)
                       for name, lin in linears.items()} if hessian else {})
         self.tokens = {name: 0 for name in linears}
         self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()]
@@ -256,7 +256,7 @@ class InputStatistics:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
             self.sq_norm[name] += (x.double() ** 2).sum(0).cpu()  # (in,)
             if self.gram:
-                self.gram[name] += (x.T @ x).cpu()  # (in, in)
+                self.gram[name] += (x.T @ x).cpu()  # (in, in): one batch in float32, the sum over batches in float64
             self.tokens[name] += x.shape[0]
         return hook
 
@@ -333,8 +333,8 @@ def sparsegpt_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity: floa
         check_nm(*nm, cols)
         if blocksize % nm[1]:
             raise ValueError(f"blocksize={blocksize} must be a multiple of M={nm[1]}.")
-    W = weight.detach().float().clone()  # (out, in)
-    H = hessian.detach().float().clone()  # (in, in)
+    W = weight.detach().double().clone()  # (out, in)
+    H = hessian.detach().double().clone()  # (in, in)
     dead = torch.diag(H) == 0  # inputs never active: their weights cannot matter
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -425,9 +425,10 @@ def prune_sequential(model: nn.Module, input_ids: torch.Tensor, method: str, spa
 @torch.no_grad()
 def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
     """Relative output error ||(W - W') X||^2 / ||W X||^2 computed through H = 2 X^T X / n."""
-    diff = (weight - pruned).float()  # (out, in)
-    num = torch.einsum("oi,ij,oj->", diff, hessian, diff)
-    den = torch.einsum("oi,ij,oj->", weight.float(), hessian, weight.float())
+    h = hessian.double()  # (in, in)
+    diff = (weight - pruned).double()  # (out, in)
+    num = torch.einsum("oi,ij,oj->", diff, h, diff)
+    den = torch.einsum("oi,ij,oj->", weight.double(), h, weight.double())
     return float(num / den)
 
 

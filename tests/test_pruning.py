@@ -125,6 +125,21 @@ def test_sparsegpt_sparsity_exact_and_beats_masking_alone():
     assert P.reconstruction_error(w, new, h) < P.reconstruction_error(w, mag, h)
 
 
+def test_hooked_hessian_is_float64_and_feeds_the_solver():
+    # InputStatistics sums the Gram matrix over batches in float64; the solver and the error take it as is
+    w, x, h = _layer_problem()
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    stats = P.InputStatistics({"lin": lin}, hessian=True)
+    with torch.no_grad():
+        for chunk in x.split(64):
+            lin(chunk)
+    stats.remove()
+    hooked = stats.hessian("lin")
+    assert hooked.dtype == torch.float64 and torch.allclose(hooked, h.double(), rtol=1e-4, atol=1e-4)
+    new = P.sparsegpt_weight(w, hooked, sparsity=0.5, blocksize=8)
+    assert new.dtype == w.dtype and P.reconstruction_error(w, new, hooked) < P.reconstruction_error(w, w * (new != 0), h)
+
+
 def test_sparsegpt_nm_pattern_and_zero_sparsity_is_identity():
     w, _, h = _layer_problem()
     new = P.sparsegpt_weight(w, h, nm=(2, 4), blocksize=16)
