@@ -563,37 +563,48 @@ def shared_hessians(xs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- GPTQ
 
 
+def gptq_inverse_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upper Cholesky factor of the dampened inverse Hessian (in, in), float32, and the mask of dead
+    inputs (in,) (always zero in calibration: their weights do not matter). Factorised in float64."""
+    h = h.detach().double().clone()  # (in, in)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)  # dampening keeps H invertible
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float(), dead
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = None,
-                  symmetric: bool = False, block_size: int = 128, damp: float = 0.01) -> QuantizedWeight:
+                  symmetric: bool = False, block_size: int = 128, damp: float = 0.01,
+                  factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022) for one weight (out, in) given the Hessian h (in, in).
 
     Columns are quantized left to right; each column's rounding error is spread over the columns not
     yet quantized through the inverse Hessian (its upper Cholesky factor). Updates inside a block of
     `block_size` columns are immediate; the rest of the matrix is updated once per block ("lazy batch").
-    Group scales are computed from the already-updated weights when a group starts.
+    Group scales are computed from the already-updated weights when a group starts. `factor`, from
+    `gptq_inverse_factor(h, damp)`, saves the factorisation when several weights share one Hessian.
     """
+    if h.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"h must have shape ({w.shape[1]}, {w.shape[1]}) for a weight {tuple(w.shape)}, "
+                         f"got {tuple(h.shape)}.")
+    h_inv, dead = factor if factor is not None else gptq_inverse_factor(h, damp)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of tiny per-column ops: one thread avoids synchronisation cost
     try:
-        return _gptq(w, h, bits, group_size, symmetric, block_size, damp)
+        return _gptq(w, h_inv, dead, bits, group_size, symmetric, block_size)
     finally:
         torch.set_num_threads(threads)
 
 
-def _gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-          block_size: int, damp: float) -> QuantizedWeight:
+def _gptq(w: torch.Tensor, h_inv: torch.Tensor, dead: torch.Tensor, bits: int, group_size: int | None,
+          symmetric: bool, block_size: int) -> QuantizedWeight:
     check_bits(bits)
     out, inp = w.shape
     gs = check_group_size(inp, group_size)
     if block_size % gs and gs % block_size:
         raise ValueError(f"block_size={block_size} and group_size={gs} must divide one another.")
     w = w.detach().float().clone()  # (out, in)
-    h = h.detach().double().clone()  # (in, in) float64 for the Cholesky factorisations
-    dead = torch.diag(h) == 0  # inputs that were always zero: their weights do not matter
-    h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.diag(h).mean() * torch.eye(inp, dtype=h.dtype)  # dampening keeps H invertible
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()  # (in, in)
     codes = torch.zeros(out, inp, dtype=torch.uint8)
     scales, zeros = torch.zeros(out, inp // gs), torch.zeros(out, inp // gs)
     scale = zero = None
@@ -669,10 +680,12 @@ def quantize_model_layerwise(model: nn.Module, calib_ids: torch.Tensor, method: 
             xs = collect_linear_inputs(layer, hidden, kwargs[i], max_rows=awq_rows if method == "awq" else None)
             new = {}
             hessians = shared_hessians(xs) if method == "gptq" else {}
+            factors = {id(h): gptq_inverse_factor(h) for h in hessians.values()}  # one per distinct Hessian
             for name, x in xs.items():
                 linear = layer.get_submodule(name)
                 if method == "gptq":
-                    qw = gptq_quantize(linear.weight, hessians[name], bits, group_size, symmetric)
+                    h = hessians[name]
+                    qw = gptq_quantize(linear.weight, h, bits, group_size, symmetric, factor=factors[id(h)])
                     new[name] = QuantLinear(qw, linear.bias)
                 else:
                     s, _, _ = awq_search_scale(linear.weight, x, bits, group_size, symmetric)
