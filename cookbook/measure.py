@@ -6,6 +6,7 @@ synchronised before each clock read).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -324,3 +325,15 @@ class PeakMemory:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             self.cuda_peak_bytes = torch.cuda.max_memory_allocated()
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch ops on one CPU thread inside the block (restores the previous setting): for loops of
+    thousands of tiny ops (GPTQ's and SparseGPT's column loops), where thread hand-offs cost more than the math."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

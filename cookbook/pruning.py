@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import require_cuda
-from .measure import model_bytes, tensor_bytes
+from .measure import model_bytes, single_thread, tensor_bytes
 
 LINEAR_NAMES: tuple[str, ...] = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -343,17 +342,6 @@ def sparsegpt_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity: floa
     with single_thread():  # thousands of tiny column ops: thread hand-offs would cost more than the math
         _sparsegpt_columns(W, Hinv, sparsity, nm, blocksize)
     return W.to(weight.dtype)
-
-
-@contextmanager
-def single_thread():
-    """Run torch ops on one CPU thread inside the block (restores the previous setting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _sparsegpt_columns(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float | None,

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .measure import single_thread
+
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -588,12 +590,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int |
         raise ValueError(f"h must have shape ({w.shape[1]}, {w.shape[1]}) for a weight {tuple(w.shape)}, "
                          f"got {tuple(h.shape)}.")
     h_inv, dead = factor if factor is not None else gptq_inverse_factor(h, damp)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # thousands of tiny per-column ops: one thread avoids synchronisation cost
-    try:
+    with single_thread():  # thousands of tiny per-column ops: one thread avoids synchronisation cost
         return _gptq(w, h_inv, dead, bits, group_size, symmetric, block_size)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _gptq(w: torch.Tensor, h_inv: torch.Tensor, dead: torch.Tensor, bits: int, group_size: int | None,
