@@ -32,6 +32,7 @@ from torch import nn
 
 from .errors import require_cuda
 from .measure import model_bytes, single_thread, tensor_bytes
+from .quantization import inverse_hessian_factor
 
 LINEAR_NAMES: tuple[str, ...] = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -333,12 +334,8 @@ def sparsegpt_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity: floa
         if blocksize % nm[1]:
             raise ValueError(f"blocksize={blocksize} must be a multiple of M={nm[1]}.")
     W = weight.detach().double().clone()  # (out, in)
-    H = hessian.detach().double().clone()  # (in, in)
-    dead = torch.diag(H) == 0  # inputs never active: their weights cannot matter
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += percdamp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype, device=H.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # (in, in)
+    Hinv, dead = inverse_hessian_factor(hessian, percdamp)  # (in, in) float64, (in,)
+    W[:, dead] = 0  # inputs never active: their weights cannot matter
     with single_thread():  # thousands of tiny column ops: thread hand-offs would cost more than the math
         _sparsegpt_columns(W, Hinv, sparsity, nm, blocksize)
     return W.to(weight.dtype)

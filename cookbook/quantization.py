@@ -565,14 +565,14 @@ def shared_hessians(xs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- GPTQ
 
 
-def gptq_inverse_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """The upper Cholesky factor of the dampened inverse Hessian (in, in), float32, and the mask of dead
-    inputs (in,) (always zero in calibration: their weights do not matter). Factorised in float64."""
+def inverse_hessian_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upper Cholesky factor of the dampened inverse Hessian (in, in), in float64, and the mask of dead
+    inputs (in,) (always zero in calibration: their weights do not matter). GPTQ and SparseGPT both use it."""
     h = h.detach().double().clone()  # (in, in)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)  # dampening keeps H invertible
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float(), dead
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)  # keeps H invertible
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True), dead
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = None,
@@ -584,14 +584,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int |
     yet quantized through the inverse Hessian (its upper Cholesky factor). Updates inside a block of
     `block_size` columns are immediate; the rest of the matrix is updated once per block ("lazy batch").
     Group scales are computed from the already-updated weights when a group starts. `factor`, from
-    `gptq_inverse_factor(h, damp)`, saves the factorisation when several weights share one Hessian.
+    `inverse_hessian_factor(h, damp)`, saves the factorisation when several weights share one Hessian.
     """
     if h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"h must have shape ({w.shape[1]}, {w.shape[1]}) for a weight {tuple(w.shape)}, "
                          f"got {tuple(h.shape)}.")
-    h_inv, dead = factor if factor is not None else gptq_inverse_factor(h, damp)
+    h_inv, dead = factor if factor is not None else inverse_hessian_factor(h, damp)
     with single_thread():  # thousands of tiny per-column ops: one thread avoids synchronisation cost
-        return _gptq(w, h_inv, dead, bits, group_size, symmetric, block_size)
+        return _gptq(w, h_inv.float(), dead, bits, group_size, symmetric, block_size)
 
 
 def _gptq(w: torch.Tensor, h_inv: torch.Tensor, dead: torch.Tensor, bits: int, group_size: int | None,
@@ -678,7 +678,7 @@ def quantize_model_layerwise(model: nn.Module, calib_ids: torch.Tensor, method: 
             xs = collect_linear_inputs(layer, hidden, kwargs[i], max_rows=awq_rows if method == "awq" else None)
             new = {}
             hessians = shared_hessians(xs) if method == "gptq" else {}
-            factors = {id(h): gptq_inverse_factor(h) for h in hessians.values()}  # one per distinct Hessian
+            factors = {id(h): inverse_hessian_factor(h) for h in hessians.values()}  # one per distinct Hessian
             for name, x in xs.items():
                 linear = layer.get_submodule(name)
                 if method == "gptq":

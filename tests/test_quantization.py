@@ -11,7 +11,7 @@ from cookbook.models import tiny_model
 from cookbook.quantization import (
     NF4_CODEBOOK, Int8MixedLinear, NF4Linear, QuantLinear, W8A8Linear, activation_absmax, awq_search_scale,
     capture_layer_inputs, shared_hessians,
-    decoder_linears, dequantize_nf4, dtype_summary, fake_quantize, gptq_inverse_factor, gptq_quantize, hessian, pack_bits,
+    decoder_linears, dequantize_nf4, dtype_summary, fake_quantize, inverse_hessian_factor, gptq_quantize, hessian, pack_bits,
     pack_int4, quantize_linears_nf4, quantize_linears_rtn, quantize_model_layerwise, quantize_nf4,
     quantize_per_tensor, quantize_weight, restore_modules, smoothing_scale, unpack_bits, unpack_int4,
 )
@@ -220,7 +220,7 @@ def test_gptq_with_a_shared_factor_is_the_same_as_alone():
     x, w = _correlated_inputs(), torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
     h = hessian(x)
     alone = gptq_quantize(w, h, 4, 16, block_size=16)
-    shared = gptq_quantize(w, h, 4, 16, block_size=16, factor=gptq_inverse_factor(h))
+    shared = gptq_quantize(w, h, 4, 16, block_size=16, factor=inverse_hessian_factor(h))
     assert torch.equal(alone.codes, shared.codes) and torch.equal(alone.scale, shared.scale)
 
 
