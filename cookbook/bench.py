@@ -35,6 +35,7 @@ from torch import nn
 from . import attention as A
 from . import decoding as dec
 from . import distillation as D
+from . import kernels as K
 from . import lora
 from . import moe
 from . import pruning as P
@@ -43,10 +44,11 @@ from . import recipe as R
 from . import serving as sv
 from .data import calibration_batch, encode, load_text, with_bos
 from .evaluate import PerplexityProtocol, perplexity, relative_change
-from .measure import count_parameters, format_bytes, measure_generation, model_bytes
+from .measure import (count_parameters, cpu_has_native_bf16, decode_bytes_per_token, format_bytes,
+                      measure_generation, memory_bandwidth, model_bytes, roofline_tokens_per_s)
 
-COLUMNS = ("technique", "variant", "format", "params", "bytes held", "perplexity", "rel. change",
-           "decode tok/s", "prefill tok/s", "tokens/J", "$/M tokens", "notes")
+COLUMNS = ("technique", "variant", "format", "params", "bytes held", "bytes/token", "perplexity", "rel. change",
+           "decode tok/s", "% roofline", "prefill tok/s", "tokens/J", "$/M tokens", "notes")
 
 
 # ---------------------------------------------------------------- settings and assumptions
@@ -67,10 +69,10 @@ class BenchSettings:
 
     protocol: PerplexityProtocol = PerplexityProtocol(seq_len=256, stride=256, max_tokens=1024)
     prompt_tokens: int = 32
-    new_tokens: int = 16
+    new_tokens: int = 64
     loop_new_tokens: int = 16
     warmup: int = 1
-    repeats: int = 3
+    repeats: int = 2
     calib_samples: int = 4
     calib_seq_len: int = 256
     group_size: int = 128
@@ -164,7 +166,7 @@ def represented_parameters(model: nn.Module) -> int:
     n = count_parameters(model)
     tables = set()
     for m in model.modules():
-        if isinstance(m, (Q.QuantLinear, Q.NF4Linear)):
+        if isinstance(m, (Q.QuantLinear, Q.NF4Linear, K.PackedInt4Linear, K.PackedInt8Linear)):
             n += m.out_features * m.in_features
         elif isinstance(m, (Q.Int8MixedLinear, Q.W8A8Linear)):
             n += m.weight_codes.numel()
@@ -191,7 +193,8 @@ def result_row(technique: str, variant: str, fmt: str, model: nn.Module | None =
     return {"technique": technique, "variant": variant, "format": fmt,
             "params": None if model is None else represented_parameters(model),
             "bytes held": None if model is None else model_bytes(model),
-            "perplexity": ppl, "rel. change": None, "decode tok/s": decode, "prefill tok/s": prefill,
+            "bytes/token": None if model is None else decode_bytes_per_token(model),
+            "perplexity": ppl, "rel. change": None, "decode tok/s": decode, "% roofline": None, "prefill tok/s": prefill,
             "tokens/J": None, "$/M tokens": None, "notes": notes, **extra}
 
 
@@ -251,14 +254,48 @@ def bench_precision(model, tokenizer, device, settings: BenchSettings) -> list[d
     return [row]
 
 
+REFERENCE_NOTE = "decoder linears only; the reference path: the float weight rebuilt on every call"
+
+
+def packed_note() -> str:
+    """What the packed rows ran: the kernels, the activation dtype around them, and whether the CPU has bf16."""
+    native = "native bf16 on this CPU" if cpu_has_native_bf16() else "no native bf16 on this CPU (converted)"
+    return f"packed int8/int4 kernels (aten._weight_int*pack_mm), activations cast to bf16 around them; {native}"
+
+
+def packed_rows(work, tokenizer, device, settings: BenchSettings, variant: str, fmt: str,
+                float_head_row: bool = True) -> list[dict]:
+    """`work` (quantized QuantLinears, float or int8 tied head) on the packed kernels: the linears alone (unless
+    `float_head_row` is False), then with the tied table as int8 and the head packed too. Changes `work`."""
+    if device.type != "cpu":
+        return [result_row("weight quantization", f"{variant}, packed", fmt,
+                           notes="not measured: the packed kernels here are CPU kernels")]
+    rows = []
+    K.pack_quantized_linears(work)
+    if not isinstance(work.lm_head, Q._HeadView):
+        if float_head_row:
+            rows.append(measure_model(work, tokenizer, settings, "weight quantization", f"{variant}, packed", fmt,
+                                      packed_note() + "; float head"))
+        if not _has_tied_embedding(work):
+            return rows
+        Q.quantize_tied_embedding_int8(work)
+    K.pack_int8_head(work)
+    rows.append(measure_model(work, tokenizer, settings, "weight quantization", f"{variant} + int8 head, packed",
+                              f"{fmt} + int8 emb", packed_note() + "; the tied table int8, one scale per row"))
+    return rows
+
+
 def bench_rtn(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
-    """Round-to-nearest int8 and int4 of every decoder linear, bit-packed QuantLinear (notebook 02)."""
-    rows, g = [], settings.group_size
-    for bits in (8, 4):
+    """Round-to-nearest int8 (one scale per output channel) and int4 (groups) of every decoder linear (notebook 02):
+    the reference QuantLinear, then the same codes on the packed kernels, with and without an int8 head."""
+    rows = []
+    for bits, group in ((8, None), (4, settings.group_size)):
         work = _fresh_copy(model)
-        Q.quantize_linears_rtn(work, bits, g, symmetric=False)
-        rows.append(measure_model(work, tokenizer, settings, "weight quantization", f"RTN int{bits}",
-                                  f"int{bits} g{g}", "decoder linears only; dequantized on the fly (unfused)"))
+        Q.quantize_linears_rtn(work, bits, group, symmetric=False)
+        fmt = f"int{bits} " + (f"g{group}" if group else "per channel")
+        rows.append(measure_model(work, tokenizer, settings, "weight quantization", f"RTN int{bits}", fmt,
+                                  REFERENCE_NOTE))
+        rows += packed_rows(work, tokenizer, device, settings, f"RTN int{bits}", fmt)
         del work
     return rows
 
@@ -294,12 +331,15 @@ def bench_gptq_awq(model, tokenizer, device, settings: BenchSettings) -> list[di
         spent = time.perf_counter() - start
         note = f"{len(calib)}x{calib.shape[1]} calibration tokens, quantized in {spent:.0f} s"
         rows.append(measure_model(work, tokenizer, settings, "weight quantization", method.upper() + " int4",
-                                  f"int4 g{g}", note))
+                                  f"int4 g{g}", f"{note}; {REFERENCE_NOTE}"))
         if method == "gptq" and _has_tied_embedding(work):
             Q.quantize_tied_embedding_int8(work)
             rows.append(measure_model(work, tokenizer, settings, "weight quantization",
                                       "GPTQ int4 + int8 embedding", f"int4 g{g} + int8 emb",
-                                      "the tied embedding / lm_head as int8, one scale per row"))
+                                      "the tied embedding / lm_head as int8, one scale per row; reference path"))
+        if isinstance(work.lm_head, Q._HeadView) or _has_tied_embedding(work):
+            rows += packed_rows(work, tokenizer, device, settings, method.upper() + " int4", f"int4 g{g}",
+                                float_head_row=False)
         del work
     return rows
 
@@ -313,7 +353,7 @@ def bench_nf4(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
     work = _fresh_copy(model)
     Q.quantize_linears_nf4(work, 64, double_quant=True)
     row = measure_model(work, tokenizer, settings, "weight quantization", "NF4 + double quant", "nf4 b64",
-                        "decoder linears only; dequantized on the fly (unfused)")
+                        REFERENCE_NOTE + "; no packed CPU kernel for NF4's non-uniform levels")
     del work
     return [row]
 
@@ -507,7 +547,7 @@ def bench_serving(model, tokenizer, device, settings: BenchSettings) -> list[dic
         rows.append(result_row(
             "serving", f"{kind} batching, batch {settings.max_batch}", fmt, model, None, res.throughput,
             notes=(f"aggregate tokens/s of {len(requests)} requests arriving at once (fitted pass cost); "
-                   f"padding waste {res.stats.padding_waste:.0%}")))
+                   f"padding waste {res.stats.padding_waste:.0%}"), aggregate=True))
     return rows
 
 
@@ -624,12 +664,16 @@ def check_techniques(names: Sequence[str] | None) -> list[str]:
 # ---------------------------------------------------------------- the suite
 
 
-def finish_rows(rows: list[dict], settings: BenchSettings) -> list[dict]:
-    """Fill relative perplexity change (vs the baseline row) and the energy / cost estimates."""
+def finish_rows(rows: list[dict], settings: BenchSettings, bandwidth: float | None = None) -> list[dict]:
+    """Fill relative perplexity change (vs the baseline row), the share of the memory roofline each one-stream
+    decode speed reaches (with `bandwidth`, bytes/s, measured in the same run), and the energy / cost estimates."""
     base = next((r["perplexity"] for r in rows if r["technique"] == "baseline"), None)
     for r in rows:
         if base is not None and r["perplexity"] is not None:
             r["rel. change"] = relative_change(r["perplexity"], base)
+        one_stream = not r.get("aggregate") and r["decode tok/s"] is not None and r.get("bytes/token")
+        if bandwidth and one_stream:
+            r["% roofline"] = 100 * r["decode tok/s"] / roofline_tokens_per_s(r["bytes/token"], bandwidth)
         r["tokens/J"] = tokens_per_joule(r["decode tok/s"], settings.watts)
         r["$/M tokens"] = usd_per_million_tokens(r["decode tok/s"], settings.usd_per_hour)
     return rows
@@ -637,8 +681,9 @@ def finish_rows(rows: list[dict], settings: BenchSettings) -> list[dict]:
 
 @torch.no_grad()
 def run_bench(model, tokenizer, device, settings: BenchSettings, techniques: Sequence[str] | None = None,
-              log: Callable[[str], None] | None = print) -> list[dict]:
-    """The baseline, then each chosen technique; rows with relative change and energy / cost filled in.
+              log: Callable[[str], None] | None = print, bandwidth: float | None = None) -> list[dict]:
+    """The baseline, then each chosen technique; rows with relative change, % of roofline (given the measured
+    memory `bandwidth` in bytes/s) and energy / cost filled in.
 
     A technique that fails (e.g. a model layout it does not support) gives one row saying why, and
     the others still run.
@@ -656,7 +701,7 @@ def run_bench(model, tokenizer, device, settings: BenchSettings, techniques: Seq
         gc.collect()
         if log:
             log(f"[bench] {name}: {time.perf_counter() - start:.0f} s")
-    return finish_rows(rows, settings)
+    return finish_rows(rows, settings, bandwidth)
 
 
 def pareto_front(rows: Sequence[dict], cost: str, higher_is_better: bool = False) -> list[dict]:
@@ -822,7 +867,10 @@ class BenchReport:
             f"({s['loop_new_tokens']} tokens, prefill included); serving rows are aggregate tokens/s of many requests.",
             f"- Calibration (GPTQ, AWQ, Wanda, structured): {s['calib_samples']} windows of {s['calib_seq_len']} "
             f"tokens of the training text; quantization groups of {s['group_size']}.",
-            f"- Bytes held: parameters + persistent buffers (packed codes and scales count), tied weights once.",
+            f"- Bytes held: parameters + persistent buffers (packed codes and scales count), tied weights once. "
+            "Bytes/token: what one decode step reads (`measure.decode_bytes_per_token`: bytes held less an untied "
+            "input embedding, of which a lookup reads one row). % roofline: decode tok/s over the memory-bound "
+            "ceiling, measured bandwidth / bytes per token (one-stream rows only; serving rows are aggregates).",
             "", "## Energy and cost assumptions", "",
             f"{self.assumptions}",
             f"tokens/J = decode tokens/s / {s['watts']:g} W; $/M tokens = ${s['usd_per_hour']:g}/hour / "
@@ -893,8 +941,11 @@ def bench_command(model_name: str | None, device: str | None, quick: bool, out_d
     set_seed(0)
     start = time.perf_counter()
     model, tok = load_model(model_name, device=dev)
-    rows = run_bench(model, tok, dev, settings, names, log=lambda m: print(m, file=sys.stderr, flush=True))
-    report = BenchReport(rows, resolve_name(model_name), machine_info(dev), settings.describe(), settings.assumptions,
+    bandwidth = memory_bandwidth(device=dev)
+    rows = run_bench(model, tok, dev, settings, names, log=lambda m: print(m, file=sys.stderr, flush=True),
+                     bandwidth=bandwidth)
+    machine = machine_info(dev) | {"memory bandwidth, measured (copy), GB/s": round(bandwidth / 1e9, 1)}
+    report = BenchReport(rows, resolve_name(model_name), machine, settings.describe(), settings.assumptions,
                          time.perf_counter() - start, techniques=names)
     paths = report.write(out_dir, name or report_name(dev))
     print(report.table().text())

@@ -196,3 +196,18 @@ def pack_int8_head(model: nn.Module) -> dict[str, nn.Module]:
         raise ValueError("pack_int8_head needs the int8 tied table first: call "
                          "quantization.quantize_tied_embedding_int8(model).")
     return swap_modules(model, {"lm_head": PackedInt8Head(head.table)})
+
+
+def pack_model(model: nn.Module, fallback: bool = False) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Every packed kernel a quantized model can take, in place: its QuantLinears (`pack_quantized_linears`)
+    and, when its tied table is int8 (`quantize_tied_embedding_int8`), the head (`pack_int8_head`).
+
+    Returns (originals for `restore_modules`, {name: reason} of what stays on the reference path); a float
+    head stays float and is listed there, so a caller sees what the packed form does not cover.
+    """
+    originals, kept = pack_quantized_linears(model, fallback)
+    if isinstance(model.lm_head, _HeadView):
+        originals |= pack_int8_head(model)
+    else:
+        kept["lm_head"] = "a float head (quantize_tied_embedding_int8 gives it an int8 table and a packed kernel)"
+    return originals, kept

@@ -51,8 +51,31 @@ def model_bytes(model: nn.Module) -> int:
 
     Quantized modules keep packed integer weights and scales as buffers, so they count here too.
     """
-    buffers = [b for name, b in model.named_buffers() if _is_persistent(model, name)]
-    return sum(tensor_bytes(t) for t in _unique([*model.parameters(), *buffers]))
+    return sum(tensor_bytes(t) for t in _held_tensors(model))
+
+
+def _held_tensors(module: nn.Module) -> list[torch.Tensor]:
+    buffers = [b for name, b in module.named_buffers() if _is_persistent(module, name)]
+    return _unique([*module.parameters(), *buffers])
+
+
+def decode_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decode step must read: what the model holds, less an input embedding table that the
+    output head does not share (a lookup reads one row of it, not the table). A tied table is read whole, by the
+    head. The memory-bound speed limit of batch-1 decode is bandwidth / this (`roofline_tokens_per_s`); the
+    KV cache and activations add a little more traffic, negligible for short contexts."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb, head = (get_in() if get_in else None), (get_out() if get_out else None)
+    if emb is None:
+        return model_bytes(model)
+    in_head = {t.untyped_storage().data_ptr() for t in (_held_tensors(head) if head is not None else [])}
+    lookup_only = [t for t in _held_tensors(emb) if t.untyped_storage().data_ptr() not in in_head]
+    return model_bytes(model) - sum(tensor_bytes(t) for t in lookup_only)
+
+
+def roofline_tokens_per_s(bytes_per_token: int, bandwidth: float) -> float:
+    """The memory-bound ceiling of batch-1 decode: bytes/s the memory delivers over bytes each token reads."""
+    return bandwidth / bytes_per_token
 
 
 def _is_persistent(model: nn.Module, buffer_name: str) -> bool:

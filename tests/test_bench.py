@@ -29,7 +29,7 @@ class ByteTokenizer:
         return {f"<{i}>": i for i in range(259)}
 
 
-TINY = dict(protocol=PerplexityProtocol(seq_len=32, stride=32, max_tokens=64), prompt_tokens=8, new_tokens=3,
+TINY = dict(protocol=PerplexityProtocol(seq_len=32, stride=32, max_tokens=64), prompt_tokens=8, new_tokens=6,
             loop_new_tokens=4, warmup=0, repeats=1, calib_samples=2, calib_seq_len=32, group_size=32,
             serving_requests=4, max_batch=2, attention_window=4)
 
@@ -109,10 +109,32 @@ def test_rows_measure_what_they_claim(rows, tiny):
             assert r["decode tok/s"] > 0 and r["tokens/J"] == pytest.approx(r["decode tok/s"] / watts)
 
 
+def test_packed_rows_hold_the_same_codes_in_fewer_bytes_per_token(rows, tiny):
+    model, tok = tiny
+    by = {r["variant"]: r for r in rows}
+    for bits in (8, 4):
+        ref, packed, head = (by[f"RTN int{bits}{s}"] for s in ("", ", packed", " + int8 head, packed"))
+        assert packed["params"] == ref["params"] == rows[0]["params"]
+        assert packed["perplexity"] == pytest.approx(ref["perplexity"], rel=0.02)  # bf16 activations
+        assert head["bytes/token"] < packed["bytes/token"] and "bf16" in head["notes"]
+    for method in ("GPTQ", "AWQ"):
+        assert by[f"{method} int4 + int8 head, packed"]["perplexity"] == pytest.approx(
+            by[f"{method} int4"]["perplexity"], rel=0.02)
+
+
+def test_share_of_the_roofline_uses_the_measured_bandwidth_and_skips_aggregates():
+    settings = bench.make_settings(torch.device("cpu"), **TINY)
+    one = bench.result_row("x", "one stream", "f", decode=50.0) | {"bytes/token": 10**8}
+    many = bench.result_row("serving", "batch", "f", decode=500.0, aggregate=True) | {"bytes/token": 10**8}
+    bench.finish_rows([one, many], settings, bandwidth=1e10)  # ceiling 1e10 / 1e8 = 100 tok/s
+    assert one["% roofline"] == pytest.approx(50.0) and many["% roofline"] is None
+    assert bench.finish_rows([bench.result_row("x", "y", "f", decode=5.0)], settings)[0]["% roofline"] is None
+
+
 def test_unseparated_decode_is_none_with_a_note_not_a_made_up_speed(tiny, monkeypatch):
     model, tok = tiny
     # what a loaded machine can time: the whole generate no slower than its one-token run
-    noisy = GenerationSpeed(prompt_tokens=8, new_tokens=3, prefill_s=0.37, first_token_s=0.38, generate_s=0.36)
+    noisy = GenerationSpeed(prompt_tokens=8, new_tokens=6, prefill_s=0.37, first_token_s=0.38, generate_s=0.36)
     monkeypatch.setattr(bench, "measure_generation", lambda *args, **kwargs: noisy)
     settings = bench.make_settings(torch.device("cpu"), **TINY)
     row = bench.finish_rows([bench.measure_model(model, tok, settings, "baseline", "as loaded", "float32", "x")],

@@ -91,24 +91,39 @@ def _dequantized_twin(module: Q.QuantLinear) -> nn.Linear:
     return lin
 
 
-def test_packed_real_model_gives_the_reference_greedy_tokens(real_model):
-    # a random tiny model has near-tied logits; the real one is where "same greedy text" means something
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, None)])
+def test_packed_real_model_gives_the_reference_greedy_tokens(real_model, bits, group):
+    # a random tiny model has near-tied logits; the real one is where "same greedy text" means something.
+    # The whole fast form: packed linears AND the packed int8 head, against dequantize-then-matmul.
     model, tok = real_model
     ids = tok("The capital of France is", return_tensors="pt").input_ids  # (1, t)
-    originals = Q.quantize_linears_rtn(model, 4, 128, symmetric=False)
+    originals = Q.quantize_linears_rtn(model, bits, group, symmetric=False)
+    originals |= Q.quantize_tied_embedding_int8(model)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, Q.QuantLinear)}
     try:
         with torch.no_grad():
             Q.swap_modules(model, {n: _dequantized_twin(m) for n, m in quantized.items()})
-            ref_logits = model(input_ids=ids).logits[0, -1]
+            ref_logits = model(input_ids=ids).logits[0, -1]  # (V,)
             ref = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False)
-            Q.swap_modules(model, {n: K.packed_linear(m) for n, m in quantized.items()})
-            fast_logits = model(input_ids=ids).logits[0, -1]
+            Q.swap_modules(model, quantized)
+            K.pack_model(model)
+            assert isinstance(model.lm_head, K.PackedInt8Head)
+            fast_logits = model(input_ids=ids).logits[0, -1]  # (V,)
             fast = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False)
     finally:
         Q.restore_modules(model, originals)
     assert _rel_err(fast_logits, ref_logits) < 2e-2
     assert torch.equal(fast, ref), (tok.decode(fast[0]), tok.decode(ref[0]))
+
+
+def test_pack_model_lists_a_float_head_as_left_on_the_reference_path():
+    model = tiny_model().eval()
+    Q.quantize_linears_rtn(model, 4, 32, symmetric=False)
+    originals, kept = K.pack_model(model)
+    assert list(kept) == ["lm_head"] and "float head" in kept["lm_head"]
+    assert not isinstance(model.lm_head, K.PackedInt8Head)
+    Q.restore_modules(model, originals)
+    assert sum(isinstance(m, Q.QuantLinear) for m in model.modules()) > 0
 
 
 def test_packed_int8_head_matches_the_int8_table():

@@ -22,6 +22,20 @@ def test_tied_weights_are_counted_once():
     assert sum(parameter_breakdown(model).values()) == count_parameters(model)
 
 
+def test_decode_reads_a_tied_table_whole_and_an_untied_embedding_one_row_at_a_time():
+    from cookbook import quantization as Q
+
+    model = tiny_model()  # tied: the head reads the whole table every token
+    assert measure.decode_bytes_per_token(model) == model_bytes(model)
+    table = model.model.embed_tokens.weight
+    model.lm_head.weight = nn.Parameter(table.detach().clone())  # untied: the lookup table leaves the count
+    assert measure.decode_bytes_per_token(model) == model_bytes(model) - table.numel() * 4
+    tied = tiny_model()
+    Q.quantize_tied_embedding_int8(tied)  # one int8 table behind both views, read by the head
+    assert measure.decode_bytes_per_token(tied) == model_bytes(tied)
+    assert measure.roofline_tokens_per_s(1_000, 2e9) == 2e6
+
+
 def test_model_bytes_counts_persistent_buffers_only():
     m = nn.Linear(4, 4, bias=False)
     m.register_buffer("codes", torch.zeros(10, dtype=torch.uint8))
