@@ -173,6 +173,9 @@ def represented_parameters(model: nn.Module) -> int:
         elif isinstance(m, Q.Int8TiedEmbedding) and id(m) not in tables:
             tables.add(id(m))
             n += m.codes.numel()
+        elif isinstance(m, K.PackedInt4TiedTable) and id(m) not in tables:
+            tables.add(id(m))
+            n += 2 * m.packed.numel()  # two 4-bit codes per byte
     return n
 
 
@@ -332,16 +335,27 @@ def bench_gptq_awq(model, tokenizer, device, settings: BenchSettings) -> list[di
         note = f"{len(calib)}x{calib.shape[1]} calibration tokens, quantized in {spent:.0f} s"
         rows.append(measure_model(work, tokenizer, settings, "weight quantization", method.upper() + " int4",
                                   f"int4 g{g}", f"{note}; {REFERENCE_NOTE}"))
-        if method == "gptq" and _has_tied_embedding(work):
-            Q.quantize_tied_embedding_int8(work)
+        if not _has_tied_embedding(work):
+            continue
+        float_table = Q.quantize_tied_embedding_int8(work) if method == "gptq" else {}
+        if method == "gptq":
             rows.append(measure_model(work, tokenizer, settings, "weight quantization",
                                       "GPTQ int4 + int8 embedding", f"int4 g{g} + int8 emb",
                                       "the tied embedding / lm_head as int8, one scale per row; reference path"))
-        if isinstance(work.lm_head, Q._HeadView) or _has_tied_embedding(work):
-            rows += packed_rows(work, tokenizer, device, settings, method.upper() + " int4", f"int4 g{g}",
-                                float_head_row=False)
+        rows += packed_rows(work, tokenizer, device, settings, method.upper() + " int4", f"int4 g{g}",
+                            float_head_row=False)
+        if float_table and device.type == "cpu":
+            Q.restore_modules(work, float_table)  # the float table back; the linears stay packed
+            K.quantize_tied_embedding_int4(work, INT4_HEAD_GROUP)
+            rows.append(measure_model(work, tokenizer, settings, "weight quantization",
+                                      f"GPTQ int4 + int4 head g{INT4_HEAD_GROUP}, packed",
+                                      f"int4 g{g} + int4 emb g{INT4_HEAD_GROUP}",
+                                      packed_note() + "; the tied table RTN int4, stored once in the kernel's layout"))
         del work
     return rows
+
+
+INT4_HEAD_GROUP = 32  # the int4 tied table's groups: the finest the kernel takes (the head's error costs most)
 
 
 def _has_tied_embedding(model) -> bool:

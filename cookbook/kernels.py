@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .measure import cpu_has_native_bf16
-from .quantization import Int8TiedEmbedding, QuantizedWeight, QuantLinear, _HeadView, swap_modules
+from .quantization import (Int8TiedEmbedding, QuantizedWeight, QuantLinear, _EmbedView, _HeadView, quantize_weight,
+                           swap_modules)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 INT4_ROW_MULTIPLE = 16  # the CPU int4 layout packs 16 output rows together
@@ -192,7 +193,7 @@ class PackedInt8Head(nn.Module):
 def pack_int8_head(model: nn.Module) -> dict[str, nn.Module]:
     """Give a model whose tied table is already int8 (`quantize_tied_embedding_int8`) the packed head."""
     head = model.lm_head
-    if not isinstance(head, _HeadView):
+    if not (isinstance(head, _HeadView) and isinstance(head.table, Int8TiedEmbedding)):
         raise ValueError("pack_int8_head needs the int8 tied table first: call "
                          "quantization.quantize_tied_embedding_int8(model).")
     return swap_modules(model, {"lm_head": PackedInt8Head(head.table)})
@@ -206,8 +207,82 @@ def pack_model(model: nn.Module, fallback: bool = False) -> tuple[dict[str, nn.M
     head stays float and is listed there, so a caller sees what the packed form does not cover.
     """
     originals, kept = pack_quantized_linears(model, fallback)
-    if isinstance(model.lm_head, _HeadView):
+    table = getattr(model.lm_head, "table", None)
+    if isinstance(model.lm_head, _HeadView) and isinstance(table, Int8TiedEmbedding):
         originals |= pack_int8_head(model)
-    else:
+    elif not isinstance(table, PackedInt4TiedTable):  # an int4 table is packed from the start
+
         kept["lm_head"] = "a float head (quantize_tied_embedding_int8 gives it an int8 table and a packed kernel)"
     return originals, kept
+
+
+# ---------------------------------------------------------------- an int4 tied table: the head on the int4 kernel
+
+INT4_BLOCK_N = 64  # the CPU int4 layout: blocks of 64 rows, K-major, row j and row j + 32 share a byte
+
+
+def int4pack_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The 4-bit codes (len(rows), in) of `rows` read back from `aten._convert_weight_to_int4pack_for_cpu`'s
+    layout: (N / 64, in, 32) bytes, the low nibble from row 64b + j, the high one from row 64b + 32 + j."""
+    blocks = packed.view(-1, in_features, INT4_BLOCK_N // 2)  # (N / 64, in, 32)
+    block, j = rows // INT4_BLOCK_N, rows % INT4_BLOCK_N  # (n,)
+    byte = blocks[block, :, j % (INT4_BLOCK_N // 2)]  # (n, in)
+    return torch.where((j < INT4_BLOCK_N // 2)[:, None], byte & 15, byte >> 4)  # (n, in)
+
+
+class PackedInt4TiedTable(nn.Module):
+    """The tied embedding / lm_head matrix (V, d) as 4-bit codes in groups, stored ONCE, in the int4 kernel's
+    layout: the head is `_weight_int4pack_mm_for_cpu` (half the bytes of the int8 table per token), a lookup
+    reads its rows back (`int4pack_rows`) and dequantizes them. The same `embed` / `logits` interface as
+    `quantization.Int8TiedEmbedding`, so the same views serve both."""
+
+    def __init__(self, weight: torch.Tensor, embed_scale: float = 1.0, group_size: int = 32,
+                 chunk: int = 32768) -> None:
+        super().__init__()
+        vocab, d = weight.shape
+        reason = _int4_table_problem(vocab, d, group_size, weight.device)
+        if reason:
+            raise ValueError(f"No int4 tied table here: {reason}.")
+        packed, scales = [], []
+        for i in range(0, vocab, chunk):  # chunks of whole 64-row blocks: the layout is block by block
+            qw = quantize_weight(weight[i:i + chunk].detach(), 4, group_size, symmetric=False)
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.codes.to(torch.int32), 1))
+            scale = qw.scale.float()  # (chunk, d // group)
+            scales.append(torch.stack([scale.T, ((8 - qw.zero.float()) * scale).T], dim=-1))  # (d // g, chunk, 2)
+        self.register_buffer("packed", torch.cat(packed))  # (V, d / 2) uint8
+        self.register_buffer("scales_and_zeros", torch.cat(scales, dim=1).to(KERNEL_DTYPE))  # (d // g, V, 2)
+        self.embed_scale, self.group_size, self.in_features = float(embed_scale), group_size, d
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)  # (n,)
+        codes = int4pack_rows(self.packed, flat, self.in_features).float()  # (n, d)
+        sz = self.scales_and_zeros[:, flat].float().repeat_interleave(self.group_size, dim=0)  # (d, n, 2)
+        rows = (codes - 8) * sz[..., 0].T + sz[..., 1].T  # (n, d): (q - 8) s + (8 - z) s = (q - z) s
+        return (rows * self.embed_scale).reshape(*ids.shape, self.in_features)  # (..., d)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        h2 = h.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # (m, d)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(h2, self.packed, self.group_size, self.scales_and_zeros)
+        return out.to(h.dtype).reshape(*h.shape[:-1], -1)  # (..., V)
+
+
+def _int4_table_problem(vocab: int, d: int, group_size: int, device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"the int4 kernel here is a CPU kernel; the table is on {device.type}"
+    if not packed_support()["int4"]:
+        return f"this torch ({torch.__version__}) has no aten._weight_int4pack_mm_for_cpu; upgrade torch"
+    if group_size not in INT4_GROUP_SIZES or d % group_size:
+        return f"the int4 kernel takes groups of {INT4_GROUP_SIZES} dividing the width; got {group_size} for {d}"
+    if vocab % INT4_BLOCK_N:
+        return f"the row read-back needs a vocabulary divisible by {INT4_BLOCK_N}; got {vocab} (use the int8 table)"
+    return None
+
+
+def quantize_tied_embedding_int4(model: nn.Module, group_size: int = 32) -> dict[str, nn.Module]:
+    """Replace the tied embedding and lm_head by views of ONE PackedInt4TiedTable; returns the originals."""
+    emb = model.model.embed_tokens
+    if getattr(model.lm_head, "weight", None) is None or model.lm_head.weight.data_ptr() != emb.weight.data_ptr():
+        raise ValueError("quantize_tied_embedding_int4 needs a float model whose lm_head is tied to its embedding.")
+    scale = getattr(emb, "embed_scale", torch.tensor(1.0))
+    table = PackedInt4TiedTable(emb.weight, float(scale), group_size)
+    return swap_modules(model, {"model.embed_tokens": _EmbedView(table), "lm_head": _HeadView(table)})

@@ -117,6 +117,9 @@ def test_packed_rows_hold_the_same_codes_in_fewer_bytes_per_token(rows, tiny):
         assert packed["params"] == ref["params"] == rows[0]["params"]
         assert packed["perplexity"] == pytest.approx(ref["perplexity"], rel=0.02)  # bf16 activations
         assert head["bytes/token"] < packed["bytes/token"] and "bf16" in head["notes"]
+    int4_head = by[f"GPTQ int4 + int4 head g{bench.INT4_HEAD_GROUP}, packed"]
+    assert int4_head["params"] == rows[0]["params"]
+    assert int4_head["bytes/token"] < by["GPTQ int4 + int8 head, packed"]["bytes/token"]
     for method in ("GPTQ", "AWQ"):
         assert by[f"{method} int4 + int8 head, packed"]["perplexity"] == pytest.approx(
             by[f"{method} int4"]["perplexity"], rel=0.02)

@@ -136,3 +136,40 @@ def test_packed_int8_head_matches_the_int8_table():
         ref = model.lm_head(h)
         K.pack_int8_head(model)
         assert _rel_err(model.lm_head(h), ref) < 1e-2
+
+
+def test_int4pack_rows_reads_the_kernel_layout_back():
+    # guards the one assumption about torch's internal CPU int4 layout: if a torch release changes it, this fails
+    codes = torch.randint(0, 16, (192, 96), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    rows = torch.tensor([0, 1, 31, 32, 63, 64, 100, 191])
+    assert torch.equal(K.int4pack_rows(packed, rows, 96).int(), codes[rows])
+    assert torch.equal(K.int4pack_rows(packed, torch.arange(192), 96).int(), codes)
+
+
+def test_int4_tied_table_looks_up_and_scores_with_the_same_codes():
+    model = tiny_model().eval()
+    table = model.model.embed_tokens.weight.detach().clone()  # (512, 64)
+    reference = Q.quantize_weight(table, 4, 32, symmetric=False).dequantize()  # (512, 64)
+    K.quantize_tied_embedding_int4(model, 32)
+    ids = torch.tensor([[0, 5, 63, 64, 100, 511]])
+    h = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        scale = model.model.embed_tokens.table.embed_scale
+        # the same codes; the kernel keeps its scales in bf16 (fp16 in QuantizedWeight): ~0.4% per scale
+        assert _rel_err(model.model.embed_tokens(ids), reference[ids] * scale) < 1e-2
+        assert _rel_err(model.lm_head(h), h @ reference.T) < 1e-2
+        assert model(input_ids=ids).logits.shape == (1, 6, 512)
+
+
+@pytest.mark.parametrize("vocab,group,needle", [(500, 32, "divisible by 64"), (512, 48, "groups of")])
+def test_int4_tied_table_says_what_it_cannot_take(vocab, group, needle):
+    with pytest.raises(ValueError, match=needle):
+        K.PackedInt4TiedTable(torch.randn(vocab, 96), group_size=group)
+
+
+def test_int4_table_needs_a_tied_float_model():
+    model = tiny_model()
+    Q.quantize_tied_embedding_int8(model)
+    with pytest.raises(ValueError, match="tied to its embedding"):
+        K.quantize_tied_embedding_int4(model)
