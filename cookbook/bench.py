@@ -565,6 +565,29 @@ def bench_serving(model, tokenizer, device, settings: BenchSettings) -> list[dic
     return rows
 
 
+def bench_llamacpp(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """llama.cpp on the packaged Q4_K_M GGUF the default model was converted from (`cookbook.llamacpp`, optional
+    extra): the same perplexity protocol, prompt, decode definition and thread count as every other row."""
+    from . import llamacpp
+    from .models import default_model_path
+
+    variant, fmt = f"llama.cpp, packaged GGUF, {torch.get_num_threads()} threads", "gguf Q4_K_M"
+    why_not = ("the GGUF is the default model's; this is another model"
+               if Path(getattr(model, "name_or_path", "")) != default_model_path() else
+               "llama.cpp runs here on the CPU only" if device.type != "cpu" else
+               f"llama-cpp-python is not installed ({llamacpp.INSTALL_HINT})" if not llamacpp.available() else "")
+    if why_not:
+        return [result_row("llama.cpp", variant, fmt, notes=f"not measured: {why_not}")]
+    lm = llamacpp.LlamaCppLM(llamacpp.packaged_gguf(), n_ctx=settings.protocol.seq_len + 1)
+    ppl = perplexity(lm, tokenizer, settings.protocol)
+    tps = lm.decode_tokens_per_s(bench_prompt(tokenizer, settings, device), settings.new_tokens, settings.warmup,
+                                 settings.repeats)
+    size = lm.path.stat().st_size  # the tied token table is read by the head: every token reads ~ the whole file
+    row = result_row("llama.cpp", variant, fmt, ppl=ppl, decode=tps or None,
+                     notes="its own fused kernels on the file the float copy was dequantized from; bytes = file size")
+    return [row | {"bytes held": size, "bytes/token": size}]
+
+
 def bench_lora(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
     """What fine-tuning must keep per trainable weight: full fine-tune vs LoRA r=8 on every decoder linear.
 
@@ -662,6 +685,7 @@ TECHNIQUES: dict[str, Callable[..., list[dict]]] = {
     "serving": bench_serving,
     "lora": bench_lora,
     "recipe": bench_recipe,
+    "llamacpp": bench_llamacpp,
 }
 
 

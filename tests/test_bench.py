@@ -125,6 +125,11 @@ def test_packed_rows_hold_the_same_codes_in_fewer_bytes_per_token(rows, tiny):
             by[f"{method} int4"]["perplexity"], rel=0.02)
 
 
+def test_llamacpp_row_says_why_it_is_not_measured_for_another_model(rows):
+    row = next(r for r in rows if r["technique"] == "llama.cpp")
+    assert row["decode tok/s"] is None and "not measured: the GGUF is the default model's" in row["notes"]
+
+
 def test_share_of_the_roofline_uses_the_measured_bandwidth_and_skips_aggregates():
     settings = bench.make_settings(torch.device("cpu"), **TINY)
     one = bench.result_row("x", "one stream", "f", decode=50.0) | {"bytes/token": 10**8}
