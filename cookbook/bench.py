@@ -585,7 +585,36 @@ def bench_llamacpp(model, tokenizer, device, settings: BenchSettings) -> list[di
     size = lm.path.stat().st_size  # the tied token table is read by the head: every token reads ~ the whole file
     row = result_row("llama.cpp", variant, fmt, ppl=ppl, decode=tps or None,
                      notes="its own fused kernels on the file the float copy was dequantized from; bytes = file size")
-    return [row | {"bytes held": size, "bytes/token": size}]
+    return [row | {"bytes held": size, "bytes/token": size}, exported_gptq_row(model, tokenizer, device, settings)]
+
+
+def exported_gptq_row(model, tokenizer, device, settings: BenchSettings) -> dict:
+    """Our GPTQ (4 bits, symmetric groups of 32: Q4_0's grid) written into the packaged GGUF's template by
+    `gguf_export` and run by llama.cpp: perplexity and greedy tokens against our model holding the same codes."""
+    import tempfile
+
+    from . import gguf_export, llamacpp
+
+    work = _fresh_copy(model)
+    Q.quantize_model_layerwise(work, calibration(tokenizer, settings, device), "gptq", 4, gguf_export.BLOCK,
+                               symmetric=True)
+    prompt = bench_prompt(tokenizer, settings, device)
+    ours_ppl = perplexity(work, tokenizer, settings.protocol)
+    ours = work.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
+                         do_sample=False)[0, prompt.shape[1]:].tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = gguf_export.export_gguf(work, Path(tmp) / "gptq-q4_0.gguf")
+        del work
+        lm = llamacpp.LlamaCppLM(path, n_ctx=settings.protocol.seq_len + 1)
+        ppl = perplexity(lm, tokenizer, settings.protocol)
+        same = llamacpp.agreeing_prefix(lm.greedy(prompt, 16), ours)
+        tps = lm.decode_tokens_per_s(prompt, settings.new_tokens, settings.warmup, settings.repeats)
+        size = path.stat().st_size
+        del lm
+    row = result_row("llama.cpp", "our GPTQ int4 exported as GGUF Q4_0", "gguf Q4_0 (ours)", ppl=ppl, decode=tps or None,
+                     notes=(f"the same codes in our model: perplexity {ours_ppl:.2f}; llama.cpp's greedy tokens "
+                            f"match ours for {same} of 16; token table and norms from the packaged file"))
+    return row | {"bytes held": size, "bytes/token": size}
 
 
 def bench_lora(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
@@ -631,6 +660,9 @@ def recipe_stage_row(stage: str, model, tokenizer, settings: BenchSettings, reci
         emb = " + int8 emb" if recipe.int8_embedding else ""
         variant, fmt = f"recipe 3: + GPTQ int{recipe.bits}{emb}", f"int{recipe.bits} g{recipe.group_size}{emb}"
         notes = "decoder linears GPTQ on the recovered weights" + ("; tied embedding int8" if emb else "")
+        if recipe.packed:
+            notes += ("; " + packed_note() if not result else "") + "".join(
+                f"; {name} on the reference path: {why}" for name, why in (result or {}).items())
     return measure_model(model, tokenizer, settings, "recipe", variant, fmt, notes)
 
 
@@ -824,7 +856,8 @@ def machine_info(device: torch.device) -> dict:
     import psutil
     import transformers
 
-    info = {"device": device.type, "cpu": _cpu_name(), "cpu threads used by torch": torch.get_num_threads(),
+    info = {"device": device.type, "cpu": _cpu_name(), "cpu vector extensions": _cpu_vector_flags(),
+            "cpu threads used by torch": torch.get_num_threads(),
             "logical cpus": psutil.cpu_count(), "ram GiB": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "os": platform.platform(),
@@ -842,6 +875,17 @@ def _load_average() -> str:
         return ", ".join(f"{x:.1f}" for x in os.getloadavg())
     except (AttributeError, OSError):  # not on every platform
         return "unknown"
+
+
+def _cpu_vector_flags() -> str:
+    """The CPU's AVX / AMX flags that decide which kernels run (e.g. native bf16), or 'unknown'."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = sorted(f for f in flags.split()[2:] if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni",
+                                                          "amx_bf16", "amx_int8"))
+    return ", ".join(wanted) or "none of avx2 / avx512 / amx"
 
 
 def _cpu_name() -> str:

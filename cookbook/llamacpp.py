@@ -66,14 +66,20 @@ class LlamaCppLM(nn.Module):
         logits = torch.from_numpy(self.llm.scores[:t].copy())  # (t, V) float32
         return SimpleNamespace(logits=logits[None])  # (1, t, V)
 
+    def greedy(self, prompt_ids: torch.Tensor, new_tokens: int) -> list[int]:
+        """llama.cpp's greedy continuation (token ids) of `prompt_ids` (1, t), `new_tokens` long."""
+        self.llm.reset()
+        out = []
+        for token in self.llm.generate(prompt_ids[0].tolist(), top_k=1, temp=0.0, reset=True):
+            out.append(int(token))
+            if len(out) == new_tokens:
+                break
+        return out
+
     def greedy_seconds(self, prompt_ids: torch.Tensor, new_tokens: int) -> float:
         """Wall time of greedy generation of `new_tokens` tokens after `prompt_ids` (1, t), prefill included."""
-        self.llm.reset()
-        start, n = time.perf_counter(), 0
-        for _ in self.llm.generate(prompt_ids[0].tolist(), top_k=1, temp=0.0, reset=True):
-            n += 1
-            if n == new_tokens:
-                break
+        start = time.perf_counter()
+        self.greedy(prompt_ids, new_tokens)
         return time.perf_counter() - start
 
     def decode_tokens_per_s(self, prompt_ids: torch.Tensor, new_tokens: int = 64, warmup: int = 1,
@@ -90,3 +96,14 @@ class LlamaCppLM(nn.Module):
             if whole > first:
                 best = max(best, (new_tokens - 1) / (whole - first))
         return best
+
+
+
+def agreeing_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two greedy continuations share before they first differ."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
