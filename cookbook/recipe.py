@@ -7,7 +7,9 @@ Every stage changes the model in place by calling the technique's own module (`p
 2. recover by distilling the UNPRUNED model's cached top-k logits into the pruned one
    (`cache_teacher`, then `distill_recovery`: `distillation.train_student`), updating only the MLP weights;
 3. quantize last, so GPTQ calibrates on the weights that will be served
-   (`quantization.quantize_model_layerwise`, then `quantization.quantize_tied_embedding_int8`).
+   (`quantization.quantize_model_layerwise`, then `quantization.quantize_tied_embedding_int8`), and hand the
+   codes to the packed int4/int8 kernels where they run (`kernels.pack_model`, CPU), so the smaller model
+   also decodes faster.
 
 The KV cache and continuous batching change how the result is run, not its weights; the notebook and
 `bench.bench_recipe` apply them to the recipe's output.
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from . import distillation as D
+from . import kernels as K
 from . import pruning as P
 from . import quantization as Q
 from .data import calibration_batch
@@ -37,7 +40,8 @@ class Recipe:
     mlp_fraction: share of each layer's MLP channels removed. distill_*: AdamW steps, batch and window
     length of the recovery, top_k teacher logits cached per position, its lr, temperature and alpha
     (the KL share of the loss). bits / group_size: GPTQ of every decoder linear; int8_embedding: the
-    tied embedding / lm_head to int8 too. calib_*: the calibration windows of pruning and GPTQ.
+    tied embedding / lm_head to int8 too; packed: serve the codes on the packed kernels (CPU; elsewhere the
+    reference modules stay and the stage says why). calib_*: the calibration windows of pruning and GPTQ.
     """
 
     mlp_fraction: float = 0.25
@@ -51,6 +55,7 @@ class Recipe:
     bits: int = 4
     group_size: int = 128
     int8_embedding: bool = True
+    packed: bool = True
     calib_samples: int = 4
     calib_seq_len: int = 256
 
@@ -125,11 +130,17 @@ def cache_teacher(teacher: nn.Module, student: nn.Module, train_ids: torch.Tenso
 
 
 def quantize_stage(model: nn.Module, calib: torch.Tensor, bits: int = 4, group_size: int = 128,
-                   int8_embedding: bool = True) -> None:
-    """GPTQ every decoder linear to `bits` (bit-packed QuantLinear), then the tied embedding to int8."""
+                   int8_embedding: bool = True, packed: bool = True) -> dict[str, str]:
+    """GPTQ every decoder linear to `bits` (bit-packed QuantLinear), then the tied embedding to int8, then (if
+    `packed`) the packed kernels. Returns {module: reason} of what stays on the reference path."""
     Q.quantize_model_layerwise(model, calib, "gptq", bits, group_size, symmetric=False)
     if int8_embedding:
         Q.quantize_tied_embedding_int8(model)
+    if not packed:
+        return {}
+    if model.device.type != "cpu":
+        return {"every module": f"the packed kernels here are CPU kernels; the model is on {model.device.type}"}
+    return K.pack_model(model, fallback=True)[1]
 
 
 def apply_recipe(teacher: nn.Module, tokenizer, recipe: Recipe = Recipe(),
@@ -143,7 +154,8 @@ def apply_recipe(teacher: nn.Module, tokenizer, recipe: Recipe = Recipe(),
         "distill": lambda: distill_recovery(work, cache_teacher(teacher, work, train_ids, recipe.top_k),
                                             recipe.distill_steps, recipe.distill_batch, recipe.lr,
                                             recipe.temperature, recipe.alpha),
-        "quantize": lambda: quantize_stage(work, calib, recipe.bits, recipe.group_size, recipe.int8_embedding),
+        "quantize": lambda: quantize_stage(work, calib, recipe.bits, recipe.group_size, recipe.int8_embedding,
+                                           recipe.packed),
     }
     for name in STAGES:
         result = stages[name]()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cookbook import decoding as dec
+from cookbook import kernels as K
 from cookbook import quantization as Q
 from cookbook import recipe as R
 from cookbook.measure import model_bytes
@@ -35,7 +36,7 @@ def test_the_teacher_is_left_unchanged(applied):
 def test_stages_run_in_order_and_do_what_they_say(applied):
     teacher, _, _, seen, final = applied
     assert [s for s, _, _ in seen] == list(R.STAGES)
-    (_, pruned, width), (_, distilled, log), _ = seen
+    (_, pruned, width), (_, distilled, log), (_, _, left) = seen
     inter = teacher.config.intermediate_size
     assert width == inter - round(SMALL.mlp_fraction * inter)
     assert pruned["model.layers.0.mlp.down_proj.weight"].shape[1] == width
@@ -43,10 +44,18 @@ def test_stages_run_in_order_and_do_what_they_say(applied):
     assert changed and all(".mlp." in k for k in changed), "recovery trains the MLP weights only"
     assert len(log.ce) == SMALL.distill_steps and all(torch.isfinite(torch.tensor(log.loss)))
     linears = [m for _, m in Q.decoder_linears(final)]
-    assert not linears and sum(isinstance(m, Q.QuantLinear) for m in final.modules()) == 7 * 2
-    assert isinstance(final.model.embed_tokens, Q._EmbedView) and isinstance(final.lm_head, Q._HeadView)
+    assert not linears and left == {}, left  # every linear and the head on the packed kernels
+    assert sum(isinstance(m, (K.PackedInt4Linear, K.PackedInt8Linear)) for m in final.modules()) == 7 * 2
+    assert isinstance(final.model.embed_tokens, Q._EmbedView) and isinstance(final.lm_head, K.PackedInt8Head)
     assert model_bytes(final) < 0.4 * model_bytes(teacher)
     assert not any(p.requires_grad for p in final.parameters())
+
+
+def test_unpacked_recipe_keeps_the_reference_modules():
+    teacher, tok = tiny_model(num_layers=2), ByteTokenizer()
+    final = R.apply_recipe(teacher, tok, R.Recipe(**{**SMALL.__dict__, "packed": False, "distill_steps": 1}))
+    assert sum(isinstance(m, Q.QuantLinear) for m in final.modules()) == 7 * 2
+    assert isinstance(final.lm_head, Q._HeadView)
 
 
 def test_the_final_model_decodes_the_same_with_and_without_our_cache(applied):
