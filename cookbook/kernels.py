@@ -18,6 +18,8 @@ slowdown. CPU kernels only for now: for a weight on a GPU `why_not_packed` says 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -218,22 +220,52 @@ def pack_model(model: nn.Module, fallback: bool = False) -> tuple[dict[str, nn.M
 
 # ---------------------------------------------------------------- an int4 tied table: the head on the int4 kernel
 
-INT4_BLOCK_N = 64  # the CPU int4 layout: blocks of 64 rows, K-major, row j and row j + 32 share a byte
+# The CPU int4 kernel's weight layout depends on the vector ISA torch dispatches to: blocks of N rows stored
+# K-major, two rows per byte. With AVX-512, blocks of 64 rows and row j sharing a byte with row j + 32; with AVX2,
+# blocks of 32 and rows j, j + 16; with the generic kernel, blocks of 32 and rows 2i, 2i + 1. `int4_layout`
+# finds which one this process uses by packing a probe, so a lookup never reads codes in the wrong order.
+INT4_LAYOUTS = ((64, "half"), (32, "half"), (32, "adjacent"), (16, "half"), (16, "adjacent"))
+
+
+@functools.cache
+def int4_layout() -> tuple[int, str] | None:
+    """(rows per block, how two rows share a byte) of `_convert_weight_to_int4pack_for_cpu` here, or None when
+    the layout is none of `INT4_LAYOUTS` (then no int4 tied table: its lookup could not read the codes)."""
+    probe = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    rows = torch.arange(128)
+    for layout in INT4_LAYOUTS:
+        if torch.equal(_read_rows(packed, rows, 64, layout).int(), probe):
+            return layout
+    return None
+
+
+def _read_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int, layout: tuple[int, str]) -> torch.Tensor:
+    block_n, pairing = layout
+    blocks = packed.view(-1, in_features, block_n // 2)  # (N / block_n, in, block_n / 2)
+    block, j = rows // block_n, rows % block_n  # (n,)
+    if pairing == "half":  # row j and row j + block_n / 2 share a byte
+        byte, high = j % (block_n // 2), j >= block_n // 2
+    else:  # rows 2i and 2i + 1 share a byte
+        byte, high = j // 2, j % 2 == 1
+    data = blocks[block, :, byte]  # (n, in)
+    return torch.where(high[:, None], data >> 4, data & 15)  # (n, in)
 
 
 def int4pack_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int) -> torch.Tensor:
     """The 4-bit codes (len(rows), in) of `rows` read back from `aten._convert_weight_to_int4pack_for_cpu`'s
-    layout: (N / 64, in, 32) bytes, the low nibble from row 64b + j, the high one from row 64b + 32 + j."""
-    blocks = packed.view(-1, in_features, INT4_BLOCK_N // 2)  # (N / 64, in, 32)
-    block, j = rows // INT4_BLOCK_N, rows % INT4_BLOCK_N  # (n,)
-    byte = blocks[block, :, j % (INT4_BLOCK_N // 2)]  # (n, in)
-    return torch.where((j < INT4_BLOCK_N // 2)[:, None], byte & 15, byte >> 4)  # (n, in)
+    layout as this process packs it (`int4_layout`)."""
+    layout = int4_layout()
+    if layout is None:
+        raise ValueError("This torch packs int4 weights in a layout the row reader does not know; use the int8 "
+                         "tied table (quantization.quantize_tied_embedding_int8).")
+    return _read_rows(packed, rows, in_features, layout)
 
 
 class PackedInt4TiedTable(nn.Module):
     """The tied embedding / lm_head matrix (V, d) as 4-bit codes in groups, stored ONCE, in the int4 kernel's
     layout: the head is `_weight_int4pack_mm_for_cpu` (half the bytes of the int8 table per token), a lookup
-    reads its rows back (`int4pack_rows`) and dequantizes them. The same `embed` / `logits` interface as
+    reads its rows back (`int4pack_rows`, in the layout `int4_layout` found) and dequantizes them. The same `embed` / `logits` interface as
     `quantization.Int8TiedEmbedding`, so the same views serve both."""
 
     def __init__(self, weight: torch.Tensor, embed_scale: float = 1.0, group_size: int = 32,
@@ -244,7 +276,7 @@ class PackedInt4TiedTable(nn.Module):
         if reason:
             raise ValueError(f"No int4 tied table here: {reason}.")
         packed, scales = [], []
-        for i in range(0, vocab, chunk):  # chunks of whole 64-row blocks: the layout is block by block
+        for i in range(0, vocab, chunk):  # chunks of whole blocks (64 rows divide them): block by block
             qw = quantize_weight(weight[i:i + chunk].detach(), 4, group_size, symmetric=False)
             packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.codes.to(torch.int32), 1))
             scale = qw.scale.float()  # (chunk, d // group)
@@ -273,8 +305,11 @@ def _int4_table_problem(vocab: int, d: int, group_size: int, device: torch.devic
         return f"this torch ({torch.__version__}) has no aten._weight_int4pack_mm_for_cpu; upgrade torch"
     if group_size not in INT4_GROUP_SIZES or d % group_size:
         return f"the int4 kernel takes groups of {INT4_GROUP_SIZES} dividing the width; got {group_size} for {d}"
-    if vocab % INT4_BLOCK_N:
-        return f"the row read-back needs a vocabulary divisible by {INT4_BLOCK_N}; got {vocab} (use the int8 table)"
+    layout = int4_layout()
+    if layout is None:
+        return "this torch's int4 layout is not one the row lookup can read (use the int8 table)"
+    if vocab % 64:
+        return f"the row read-back needs a vocabulary divisible by 64; got {vocab} (use the int8 table)"
     return None
 
 
