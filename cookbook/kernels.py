@@ -90,6 +90,13 @@ class _PackedLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
+def int4_scales_and_zeros(qw: QuantizedWeight) -> torch.Tensor:
+    """The int4 kernel's (in // group, out, 2) float32 table: scale and (8 - zero) * scale per group, so that
+    (q - 8) * scale + (8 - zero) * scale = (q - zero) * scale, our dequantization."""
+    scale = qw.scale.float()  # (out, in // group)
+    return torch.stack([scale.T, ((8 - qw.zero.float()) * scale).T], dim=-1)  # (in // group, out, 2)
+
+
 class PackedInt4Linear(_PackedLinear):
     """A QuantLinear's 4-bit codes in the int4 kernel's layout; forward never builds the float weight.
 
@@ -103,9 +110,7 @@ class PackedInt4Linear(_PackedLinear):
         self.group_size = qw.group_size
         codes = qw.codes.to(torch.int32)  # (out, in) in [0, 15]
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))  # (out, in/2)
-        scale = qw.scale.float()  # (out, in // group)
-        offset = (8 - qw.zero.float()) * scale  # (out, in // group)
-        self.register_buffer("scales_and_zeros", torch.stack([scale.T, offset.T], dim=-1).to(KERNEL_DTYPE))
+        self.register_buffer("scales_and_zeros", int4_scales_and_zeros(qw).to(KERNEL_DTYPE))  # (in // g, out, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._kernel_input(x)  # (m, in) bf16
@@ -279,8 +284,7 @@ class PackedInt4TiedTable(nn.Module):
         for i in range(0, vocab, chunk):  # chunks of whole blocks (64 rows divide them): block by block
             qw = quantize_weight(weight[i:i + chunk].detach(), 4, group_size, symmetric=False)
             packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.codes.to(torch.int32), 1))
-            scale = qw.scale.float()  # (chunk, d // group)
-            scales.append(torch.stack([scale.T, ((8 - qw.zero.float()) * scale).T], dim=-1))  # (d // g, chunk, 2)
+            scales.append(int4_scales_and_zeros(qw))  # (d // g, chunk, 2)
         self.register_buffer("packed", torch.cat(packed))  # (V, d / 2) uint8
         self.register_buffer("scales_and_zeros", torch.cat(scales, dim=1).to(KERNEL_DTYPE))  # (d // g, V, 2)
         self.embed_scale, self.group_size, self.in_features = float(embed_scale), group_size, d
