@@ -34,6 +34,7 @@ from torch import nn
 
 from . import attention as A
 from . import decoding as dec
+from . import fast_decoding as fd
 from . import distillation as D
 from . import kernels as K
 from . import lora
@@ -42,7 +43,7 @@ from . import pruning as P
 from . import quantization as Q
 from . import recipe as R
 from . import serving as sv
-from .data import calibration_batch, encode, load_text, with_bos
+from .data import calibration_batch, copy_task, encode, load_text, with_bos
 from .evaluate import PerplexityProtocol, perplexity, relative_change
 from .measure import (count_parameters, cpu_has_native_bf16, decode_bytes_per_token, format_bytes,
                       measure_generation, memory_bandwidth, model_bytes, roofline_tokens_per_s)
@@ -351,6 +352,7 @@ def bench_gptq_awq(model, tokenizer, device, settings: BenchSettings) -> list[di
                                       f"GPTQ int4 + int4 head g{INT4_HEAD_GROUP}, packed",
                                       f"int4 g{g} + int4 emb g{INT4_HEAD_GROUP}",
                                       packed_note() + "; the tied table RTN int4, stored once in the kernel's layout"))
+            rows.append(compiled_row(work, tokenizer, settings, rows[-1]))
         del work
     return rows
 
@@ -542,6 +544,67 @@ def bench_speculative(model, tokenizer, device, settings: BenchSettings) -> list
     return rows
 
 
+def static_decode_speed(decoder: fd.StaticDecoder, prompt: torch.Tensor, settings: BenchSettings) -> tuple:
+    """(seconds of the first call, which compiles; last Generation; best decode tok/s over the repeats)."""
+    start = time.perf_counter()
+    decoder.generate(prompt, 2)
+    first = time.perf_counter() - start
+    gen, tps = best_of(lambda: decoder.generate(prompt, settings.new_tokens), dec.Generation.decode_tokens_per_s,
+                       settings)
+    return first, gen, tps
+
+
+def compiled_row(model, tokenizer, settings: BenchSettings, eager_row: dict) -> dict:
+    """`eager_row`'s model decoding through `torch.compile` of our static step (same weights and perplexity)."""
+    prompt = bench_prompt(tokenizer, settings, model.device)
+    mode = None if model.device.type == "cpu" else "reduce-overhead"  # on CUDA: CUDA graphs
+    decoder = fd.StaticDecoder(model, prompt.shape[1] + settings.new_tokens + 8, compile=True, mode=mode)
+    first, gen, tps = static_decode_speed(decoder, prompt, settings)
+    ops = fd.ops_per_step(decoder, gen.tokens[-1])
+    same = gen.tokens == dec.generate_with_cache(model, prompt, settings.new_tokens)[0].tokens
+    return result_row(eager_row["technique"], eager_row["variant"] + ", compiled", eager_row["format"], model,
+                      eager_row["perplexity"], tps, eager_row["prefill tok/s"],
+                      notes=(f"our static loop, decode alone like generate's rows; torch.compile of the step "
+                             f"(fullgraph, {ops.aten_ops} aten ops per token outside fused kernels); compile + first "
+                             f"tokens {first:.0f} s; greedy tokens as our eager loop: {same}"))
+
+
+def bench_compiled(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """Our static-shape decode step eager and compiled (notebook 10), against transformers' generate (the baseline
+    row); prompt-lookup decoding on the copy task against plain greedy and generate on the same prompt."""
+    prompt, n, fmt = bench_prompt(tokenizer, settings, device), settings.new_tokens, dtype_name(model)
+    slots = max(prompt.shape[1], copy_task(tokenizer).shape[1]) + n + 16  # room for 8 drafts and the op count
+    rows = []
+    for compiled in (False, True):
+        decoder = fd.StaticDecoder(model, slots, compile=compiled)
+        first, gen, tps = static_decode_speed(decoder, prompt, settings)
+        ops = fd.ops_per_step(decoder, gen.tokens[-1])
+        how = "torch.compile (fullgraph)" if compiled else "eager"
+        rows.append(result_row("decoding", f"static decode step, {how}", fmt, model, None, tps, notes=(
+            f"our static loop, decode alone ({n} tokens, prefill excluded) like generate's rows; {ops.aten_ops} aten "
+            "ops per token outside fused kernels" + (f"; compile + first tokens {first:.0f} s" if compiled else ""))))
+    rows.append(prompt_lookup_row(model, tokenizer, settings, decoder))
+    return rows
+
+
+def prompt_lookup_row(model, tokenizer, settings: BenchSettings, decoder: fd.StaticDecoder) -> dict:
+    """Prompt lookup (k=8, n-grams up to 3) on `data.copy_task`, timed with its prefill, against plain greedy of the
+    same (compiled) decoder and transformers' generate on the same prompt."""
+    prompt, n = copy_task(tokenizer).to(model.device), settings.new_tokens
+    fd.prompt_lookup_generate(decoder, prompt, n, k=8)  # compiles the (k + 1)-token shape
+    res, tps = best_of(lambda: fd.prompt_lookup_generate(decoder, prompt, n, k=8), lambda r: len(r.tokens) / r.seconds,
+                       settings)
+    plain, plain_tps = best_of(lambda: decoder.generate(prompt, n), dec.Generation.tokens_per_s, settings)
+    hf = measure_generation(model, prompt, n, settings.warmup, settings.repeats, statistic="min")
+    hf_tps = n / hf.generate_s
+    return result_row("decoding", "prompt lookup on the copy task, k=8, compiled", dtype_name(model), model, None, tps,
+                      notes=(f"tokens/s with prefill on a {prompt.shape[1]}-token prompt: {tps / hf_tps:.2f}x generate "
+                             f"({hf_tps:.1f}), {tps / plain_tps:.2f}x plain compiled greedy ({plain_tps:.1f}); "
+                             f"identical to greedy: {res.tokens == plain.tokens}; acceptance "
+                             f"{res.acceptance_rate:.2f}, {res.tokens_per_target_pass:.2f} tokens per target pass"),
+                      aggregate=True)
+
+
 def bench_serving(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
     """Static vs continuous batching of one synthetic workload under overload (notebook 11).
 
@@ -607,7 +670,7 @@ def exported_gptq_row(model, tokenizer, device, settings: BenchSettings) -> dict
         del work
         lm = llamacpp.LlamaCppLM(path, n_ctx=settings.protocol.seq_len + 1)
         ppl = perplexity(lm, tokenizer, settings.protocol)
-        same = llamacpp.agreeing_prefix(lm.greedy(prompt, 16), ours)
+        same = dec.agreeing_prefix(lm.greedy(prompt, 16), ours)
         tps = lm.decode_tokens_per_s(prompt, settings.new_tokens, settings.warmup, settings.repeats)
         size = path.stat().st_size
         del lm
@@ -714,6 +777,7 @@ TECHNIQUES: dict[str, Callable[..., list[dict]]] = {
     "attention": bench_attention,
     "kv_cache": bench_kv_cache,
     "speculative": bench_speculative,
+    "compiled": bench_compiled,
     "serving": bench_serving,
     "lora": bench_lora,
     "recipe": bench_recipe,

@@ -63,3 +63,18 @@ def calibration_batch(
     starts = torch.randint(0, len(ids) - seq_len + 1, (n_samples,), generator=gen)
     windows = torch.stack([ids[s : s + seq_len - 1] for s in starts.tolist()])  # (n, seq_len - 1)
     return with_bos(tokenizer, windows)  # (n, seq_len)
+
+
+def copy_task(tokenizer, passage_tokens: int = 160, cue_tokens: int = 16, start: int = 0,
+              text: str = SECOND_EVAL_TEXT) -> torch.Tensor:
+    """A prompt whose continuation copies from it: BOS + a passage of `text` + a blank line + the passage's first
+    `cue_tokens` tokens again, (1, n). A language model continues by repeating the passage, as in editing or
+    quoting a document: the case prompt-lookup decoding is built for."""
+    if not 1 <= cue_tokens < passage_tokens:
+        raise ValueError(f"copy_task needs 1 <= cue_tokens < passage_tokens, got {cue_tokens} and {passage_tokens}.")
+    ids = encode(tokenizer, load_text(text))
+    if start < 0 or start + passage_tokens > len(ids):
+        raise ValueError(f"{text} has {len(ids)} tokens: start={start} + passage_tokens={passage_tokens} is too far.")
+    passage = ids[start:start + passage_tokens]  # (passage_tokens,)
+    blank = encode(tokenizer, "\n\n")
+    return with_bos(tokenizer, torch.cat([passage, blank, passage[:cue_tokens]])[None])  # (1, n)

@@ -60,6 +60,13 @@ class KVCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def write_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store k, v (b, g, t, d) at positions pos (t,) and return the whole buffers (b, g, max_len, d): the
+        static-shape write a compiled step needs (`fast_decoding`); the caller masks the positions not yet valid."""
+        self.keys[layer].index_copy_(2, pos, k)
+        self.values[layer].index_copy_(2, pos, v)
+        return self.keys[layer], self.values[layer]
+
     def _check_room(self, t: int) -> int:
         end = self.length + t
         if end > self.max_len:
@@ -129,6 +136,10 @@ class Int8KVCache(KVCache):
         v_all = dequantize_int8(self.values[layer][:, :, :end], self.value_scales[layer][:, :, :end],
                                 self.compute_dtype)
         return k_all, v_all  # (b, g, length + t, d) each
+
+    def write_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise ValueError("The int8 cache has no static-shape write (its reads dequantize the valid prefix); "
+                         "compiled decoding (fast_decoding.StaticDecoder) uses the float KVCache.")
 
     def nbytes(self) -> int:
         return super().nbytes() + sum(t.numel() * t.element_size() for t in (*self.key_scales, *self.value_scales))
@@ -213,6 +224,7 @@ class StepContext:
     positions: torch.Tensor  # (t,)
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
     masks: dict[str, torch.Tensor | None]
+    write_pos: torch.Tensor | None = None  # (t,): write K/V at these positions of a static cache (cache.write_at)
 
 
 def step_context(config, start: int, t: int, device: torch.device, dtype: torch.dtype) -> StepContext:
@@ -244,7 +256,9 @@ def attention_block(attn: nn.Module, h: torch.Tensor, ctx: StepContext, layer_ty
     q = attn.q_proj(h).view(b, t, -1, attn.head_dim).transpose(1, 2)  # (b, h, t, d)
     q = apply_rope(attn.q_norm(q), cos, sin)
     k, v = project_kv(attn, h, cos, sin)  # (b, g, t, d)
-    if cache is not None:
+    if cache is not None and ctx.write_pos is not None:
+        k, v = cache.write_at(layer, ctx.write_pos, k, v)  # (b, g, max_len, d), masked by position
+    elif cache is not None:
         k, v = cache.write(layer, k, v)  # (b, g, s, d)
     mask = ctx.masks[layer_type]
     if cache is None and mask is not None:
@@ -319,6 +333,12 @@ class Generation:
     def tokens_per_s(self) -> float:
         return len(self.tokens) / self.times_s[-1]
 
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first over the time they took: decode alone, without the prompt's pass."""
+        if len(self.tokens) < 2:
+            raise ValueError("decode speed needs at least 2 generated tokens (the first one comes from the prompt).")
+        return (len(self.tokens) - 1) / (self.times_s[-1] - self.times_s[0])
+
 
 def _check_prompt(prompt_ids: torch.Tensor, max_new_tokens: int) -> None:
     _check_ids(prompt_ids)
@@ -377,6 +397,16 @@ def teacher_forced_logits(model, ids: torch.Tensor, cache_cls: type[KVCache] = K
     """
     cache = cache_cls.allocate(model.config, ids.shape[1], dtype=model.dtype, device=ids.device)
     return forward(model, ids, cache)  # (1, t, V)
+
+
+def agreeing_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two greedy continuations share before they first differ."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def nll_of_logits(logits: torch.Tensor, ids: torch.Tensor) -> float:

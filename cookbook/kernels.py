@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from .measure import cpu_has_native_bf16
-from .quantization import (Int8TiedEmbedding, QuantizedWeight, QuantLinear, _EmbedView, _HeadView, quantize_weight,
-                           swap_modules)
+from .quantization import (Int8TiedEmbedding, QuantizedWeight, QuantLinear, _HeadView, quantize_weight,
+                           replace_tied_table, swap_modules)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 INT4_ROW_MULTIPLE = 16  # the CPU int4 layout packs 16 output rows together
@@ -270,8 +270,8 @@ def int4pack_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int) ->
 class PackedInt4TiedTable(nn.Module):
     """The tied embedding / lm_head matrix (V, d) as 4-bit codes in groups, stored ONCE, in the int4 kernel's
     layout: the head is `_weight_int4pack_mm_for_cpu` (half the bytes of the int8 table per token), a lookup
-    reads its rows back (`int4pack_rows`, in the layout `int4_layout` found) and dequantizes them. The same `embed` / `logits` interface as
-    `quantization.Int8TiedEmbedding`, so the same views serve both."""
+    reads its rows back (`_read_rows`, in the layout `int4_layout` found at construction) and dequantizes them.
+    The same `embed` / `logits` interface as `quantization.Int8TiedEmbedding`, so the same views serve both."""
 
     def __init__(self, weight: torch.Tensor, embed_scale: float = 1.0, group_size: int = 32,
                  chunk: int = 32768) -> None:
@@ -288,10 +288,11 @@ class PackedInt4TiedTable(nn.Module):
         self.register_buffer("packed", torch.cat(packed))  # (V, d / 2) uint8
         self.register_buffer("scales_and_zeros", torch.cat(scales, dim=1).to(KERNEL_DTYPE))  # (d // g, V, 2)
         self.embed_scale, self.group_size, self.in_features = float(embed_scale), group_size, d
+        self.layout = int4_layout()  # found once here, so a compiled forward never runs the probe
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)  # (n,)
-        codes = int4pack_rows(self.packed, flat, self.in_features).float()  # (n, d)
+        codes = _read_rows(self.packed, flat, self.in_features, self.layout).float()  # (n, d)
         sz = self.scales_and_zeros[:, flat].float().repeat_interleave(self.group_size, dim=0)  # (d, n, 2)
         rows = (codes - 8) * sz[..., 0].T + sz[..., 1].T  # (n, d): (q - 8) s + (8 - z) s = (q - z) s
         return (rows * self.embed_scale).reshape(*ids.shape, self.in_features)  # (..., d)
@@ -319,9 +320,5 @@ def _int4_table_problem(vocab: int, d: int, group_size: int, device: torch.devic
 
 def quantize_tied_embedding_int4(model: nn.Module, group_size: int = 32) -> dict[str, nn.Module]:
     """Replace the tied embedding and lm_head by views of ONE PackedInt4TiedTable; returns the originals."""
-    emb = model.model.embed_tokens
-    if getattr(model.lm_head, "weight", None) is None or model.lm_head.weight.data_ptr() != emb.weight.data_ptr():
-        raise ValueError("quantize_tied_embedding_int4 needs a float model whose lm_head is tied to its embedding.")
-    scale = getattr(emb, "embed_scale", torch.tensor(1.0))
-    table = PackedInt4TiedTable(emb.weight, float(scale), group_size)
-    return swap_modules(model, {"model.embed_tokens": _EmbedView(table), "lm_head": _HeadView(table)})
+    return replace_tied_table(model, lambda w, scale: PackedInt4TiedTable(w, scale, group_size),
+                              "quantize_tied_embedding_int4")

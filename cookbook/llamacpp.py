@@ -96,14 +96,3 @@ class LlamaCppLM(nn.Module):
             if whole > first:
                 best = max(best, (new_tokens - 1) / (whole - first))
         return best
-
-
-
-def agreeing_prefix(a: list[int], b: list[int]) -> int:
-    """How many tokens two greedy continuations share before they first differ."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

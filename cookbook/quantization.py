@@ -248,14 +248,21 @@ class _HeadView(nn.Module):
         return self.table.logits(h)
 
 
+def replace_tied_table(model: nn.Module, make_table: Callable[[torch.Tensor, float], nn.Module],
+                       caller: str) -> dict[str, nn.Module]:
+    """Replace a float model's tied embedding and lm_head by views of ONE table, `make_table(weight, embed_scale)`
+    (the embedding's scale, sqrt(d) for Gemma); returns the originals for `restore_modules`."""
+    emb = model.model.embed_tokens
+    if getattr(model.lm_head, "weight", None) is None or model.lm_head.weight.data_ptr() != emb.weight.data_ptr():
+        raise ValueError(f"{caller} needs a float model whose lm_head is tied to its embedding.")
+    scale = getattr(emb, "embed_scale", torch.tensor(1.0))
+    table = make_table(emb.weight, float(scale))
+    return swap_modules(model, {"model.embed_tokens": _EmbedView(table), "lm_head": _HeadView(table)})
+
+
 def quantize_tied_embedding_int8(model: nn.Module) -> dict[str, nn.Module]:
     """Replace the tied embedding and lm_head by views of ONE Int8TiedEmbedding; returns the originals."""
-    emb = model.model.embed_tokens
-    if model.lm_head.weight.data_ptr() != emb.weight.data_ptr():
-        raise ValueError("quantize_tied_embedding_int8 needs a model whose lm_head is tied to its embedding.")
-    scale = getattr(emb, "embed_scale", torch.tensor(1.0))
-    table = Int8TiedEmbedding(emb.weight, float(scale))
-    return swap_modules(model, {"model.embed_tokens": _EmbedView(table), "lm_head": _HeadView(table)})
+    return replace_tied_table(model, Int8TiedEmbedding, "quantize_tied_embedding_int8")
 
 
 def quantize_per_tensor(w: torch.Tensor, bits: int, symmetric: bool = True) -> torch.Tensor:

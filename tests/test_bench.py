@@ -78,6 +78,12 @@ def test_rows_measure_what_they_claim(rows, tiny):
     assert by["KV cache (float)"]["perplexity"] == pytest.approx(base["perplexity"], rel=1e-4)
     assert "identical to no cache: True" in by["KV cache (float)"]["notes"]
     assert "identical to greedy: True" in next(r for r in rows if r["variant"].startswith("speculative"))["notes"]
+    # compiled decoding: the same step eager and compiled, prompt lookup = greedy, the packed GPTQ model compiled
+    assert "compile + first tokens" in by["static decode step, torch.compile (fullgraph)"]["notes"]
+    assert "identical to greedy: True" in by["prompt lookup on the copy task, k=8, compiled"]["notes"]
+    compiled_gptq = by[f"GPTQ int4 + int4 head g{bench.INT4_HEAD_GROUP}, packed, compiled"]
+    assert compiled_gptq["perplexity"] == by[f"GPTQ int4 + int4 head g{bench.INT4_HEAD_GROUP}, packed"]["perplexity"]
+    assert "greedy tokens as our eager loop" in compiled_gptq["notes"]
     # W8A8: int8 codes + fp16 row scales in place of fp32 weights
     for variant in ("LLM.int8 (threshold 6)", "W8A8 static + SmoothQuant"):
         assert by["RTN int4"]["bytes held"] < by[variant]["bytes held"] < base["bytes held"]

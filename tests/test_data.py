@@ -22,3 +22,15 @@ def test_calibration_batch_shape_bos_and_seed(tokenizer):
     assert (a == b).all()
     with pytest.raises(ValueError):
         calibration_batch(tokenizer, n_samples=0)
+
+
+def test_copy_task_repeats_the_passage_start(tokenizer):
+    from cookbook.data import copy_task
+
+    ids = copy_task(tokenizer, passage_tokens=40, cue_tokens=8)
+    assert ids[0, 0] == tokenizer.bos_token_id
+    assert ids[0, 1:9].tolist() == ids[0, -8:].tolist()  # the cue is the passage's first 8 tokens
+    with pytest.raises(ValueError, match="cue_tokens"):
+        copy_task(tokenizer, passage_tokens=8, cue_tokens=8)
+    with pytest.raises(ValueError, match="too far"):
+        copy_task(tokenizer, start=10**7)

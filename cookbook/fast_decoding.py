@@ -1,0 +1,205 @@
+"""Fast decoding loops (notebook 10, sections 5 and 6): a static-shape decode step that `torch.compile` captures
+whole, and prompt-lookup speculative decoding, which drafts from the context instead of a draft model.
+
+The step is `decoding`'s own forward (same layers, same KV cache class) with three changes that make every shape
+fixed: the cache is written at a position tensor (`KVCache.write_at`, index_copy) instead of a Python-int slice,
+attention reads the whole preallocated buffer under a mask built from that position, and the rotary tables are
+computed once for every position and indexed. One compiled graph then serves every token (gpt-fast's design);
+eager and compiled runs of the same `StaticDecoder` share its code, so they can be compared token for token.
+Shapes: t new tokens, L = max_len cache slots, d head_dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cookbook import decoding as dec
+
+
+def static_context(config, pos: torch.Tensor, max_len: int,
+                   rope: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dec.StepContext:
+    """What the layers share for new tokens at positions pos (t,) over all L cache slots: rotary rows, masks."""
+    slots = torch.arange(max_len, device=pos.device)  # (L,)
+    masks = {}
+    for layer_type in rope:
+        window = config.sliding_window if layer_type == "sliding_attention" else None
+        masks[layer_type] = dec.attention_mask(pos, slots, window)  # (t, L): also hides slots not written yet
+    rows = {lt: (cos[pos], sin[pos]) for lt, (cos, sin) in rope.items()}  # (t, d) each
+    return dec.StepContext(pos, rows, masks, write_pos=pos)
+
+
+class StaticDecoder:
+    """A model, one float KV cache of `max_len` slots, and a step over fixed shapes; `compile=True` wraps the
+    step in `torch.compile(fullgraph=True)`, which refuses to run rather than split on a graph break.
+
+    `prefill` runs `decoding.forward` (eager: the prompt is one pass, and its length varies); `step` writes t
+    tokens at explicit positions. The cache's `length` is kept by the Python loop, never read inside the step.
+    """
+
+    def __init__(self, model, max_len: int, compile: bool = False, mode: str | None = None) -> None:
+        dec._check_model(model)
+        device, dtype = model.device, model.dtype
+        self.model, self.max_len, self.compiled = model, max_len, compile
+        self.cache = dec.KVCache.allocate(model.config, max_len, dtype=dtype, device=device)
+        slots = torch.arange(max_len, device=device)  # (L,)
+        self.rope = {lt: dec.rope_cos_sin(model.config, lt, slots, dtype) for lt in set(dec._layer_types(model.config))}
+        self._run = torch.compile(self._step, fullgraph=True, dynamic=False, mode=mode) if compile else self._step
+
+    @torch.no_grad()
+    def _step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tokens (1, t) at positions pos (t,) -> logits (1, t, V); writes their K/V into the cache."""
+        model = self.model
+        ctx = static_context(model.config, pos, self.max_len, self.rope)
+        x = model.model.embed_tokens(tokens)  # (1, t, D)
+        for i, (layer, layer_type) in enumerate(zip(model.model.layers, dec._layer_types(model.config))):
+            x = dec.decoder_layer(layer, x, ctx, layer_type, self.cache, i)
+        return dec._final_logits(model, model.model.norm(x))  # (1, t, V)
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Run `tokens` after the cache's valid ones; returns logits (t, V) and advances the cache by t."""
+        start = self.cache.length
+        if start + len(tokens) > self.max_len:
+            raise ValueError(f"StaticDecoder holds {self.max_len} tokens; {start} are used and {len(tokens)} more "
+                             "were asked for. Build it with a larger max_len.")
+        device = self.cache.keys[0].device
+        ids = torch.tensor([tokens], device=device)  # (1, t)
+        pos = torch.arange(start, start + len(tokens), device=device)  # (t,)
+        logits = self._run(ids, pos)[0]  # (t, V)
+        self.cache.advance(len(tokens))
+        return logits
+
+    @torch.no_grad()
+    def prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Empty the cache and run the prompt (1, p) in one eager pass; returns the last position's logits (V,)."""
+        dec._check_prompt(prompt_ids, 1)
+        if prompt_ids.shape[1] >= self.max_len:
+            raise ValueError(f"The prompt has {prompt_ids.shape[1]} tokens and the cache {self.max_len} slots; build "
+                             "the StaticDecoder with max_len > prompt length + new tokens.")
+        self.cache.crop(0)
+        return dec.forward(self.model, prompt_ids, self.cache, last_only=True)[0, -1]
+
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int,
+                 stop_token_id: int | None = None) -> dec.Generation:
+        """Greedy decoding: one prefill, then one `step` per token (compiled or not)."""
+        dec._check_prompt(prompt_ids, max_new_tokens)
+        start = time.perf_counter()
+        logits = self.prefill(prompt_ids)  # (V,)
+        tokens, times = [], []
+        while True:
+            tokens.append(int(logits.argmax()))
+            times.append(time.perf_counter() - start)
+            if dec._stop(tokens[-1], stop_token_id) or len(tokens) == max_new_tokens:
+                return dec.Generation(tokens, times)
+            logits = self.step(tokens[-1:])[-1]  # (V,)
+
+
+# ---------------------------------------------------------------- prompt-lookup speculative decoding
+
+
+def lookup_draft(seq: list[int], k: int, max_ngram: int = 3) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the sequence's last n tokens, trying
+    n = max_ngram down to 1 (prompt-lookup decoding, Saxena 2023); [] when no suffix occurs earlier."""
+    for n in range(min(max_ngram, len(seq) - 1), 0, -1):
+        tail = seq[-n:]
+        for start in range(len(seq) - n - 1, -1, -1):  # the most recent match first
+            if seq[start:start + n] == tail:
+                return seq[start + n:start + n + k]
+    return []
+
+
+def check_lookup_args(k: int, max_ngram: int) -> None:
+    if k < 1 or max_ngram < 1:
+        raise ValueError(f"Prompt lookup needs k >= 1 draft tokens and max_ngram >= 1, got k={k}, "
+                         f"max_ngram={max_ngram}.")
+
+
+@torch.no_grad()
+def prompt_lookup_generate(decoder: StaticDecoder, prompt_ids: torch.Tensor, max_new_tokens: int, k: int = 8,
+                           max_ngram: int = 3, stop_token_id: int | None = None) -> dec.SpeculativeResult:
+    """Greedy speculative decoding whose drafts come from the context (`lookup_draft`), verified by the target
+    in one pass of the last token plus the drafts: token for token the target's greedy output.
+
+    A compiled decoder always verifies k + 1 tokens (drafts padded; padding is never accepted), so it compiles
+    two shapes: 1 token (no draft found) and k + 1.
+    """
+    dec._check_prompt(prompt_ids, max_new_tokens)
+    check_lookup_args(k, max_ngram)
+    start = time.perf_counter()
+    seq, new = prompt_ids[0].tolist(), []
+    decoder.cache.crop(0)
+    if len(seq) > 1:  # invariant: the cache holds seq[:-1]
+        dec.forward(decoder.model, prompt_ids[:, :-1], decoder.cache)
+    proposed = accepted = passes = 0
+    while len(new) < max_new_tokens:
+        drafted = lookup_draft(seq, k, max_ngram)
+        pad = [seq[-1]] * (k - len(drafted)) if decoder.compiled and drafted else []
+        base = decoder.cache.length
+        logits = decoder.step([seq[-1], *drafted, *pad])[: len(drafted) + 1]  # (n + 1, V): one target pass
+        kept = dec._verify(logits, drafted, [], 0.0, None)
+        passes, proposed, accepted = passes + 1, proposed + len(drafted), accepted + len(kept) - 1
+        seq, new = seq + kept, new + kept
+        decoder.cache.crop(base + len(kept))  # seq[-1] and the accepted drafts; the rest is overwritten later
+        if stop_token_id is not None and stop_token_id in kept:
+            new = new[: new.index(stop_token_id) + 1]
+            break
+    return dec.SpeculativeResult(new[:max_new_tokens], proposed, accepted, passes, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- what compilation changes
+
+
+@dataclass
+class OpCount:
+    """Operators one decode step dispatches (profiler), split into aten operators and compiled graphs."""
+
+    aten_ops: int
+    compiled_graphs: int
+
+
+def ops_per_step(decoder: StaticDecoder, token: int, steps: int = 3) -> OpCount:
+    """Count what `steps` single-token steps dispatch (top-level profiler events), per step. The cache must
+    have room; the steps are rolled back afterwards."""
+    from torch.profiler import ProfilerActivity, profile
+
+    length = decoder.cache.length
+    decoder.step([token])  # warm: a first compiled call may still be compiling
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            decoder.step([token])
+    decoder.cache.crop(length)
+    aten = sum(e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+               for e in prof.events())  # dispatched from Python or from compiled code, not nested in an operator
+    graphs = sum(e.name.startswith("## Call CompiledFxGraph") for e in prof.events())
+    return OpCount(round(aten / steps), round(graphs / steps))
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ start/stop lines) for the block."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def graph_breaks(decoder: StaticDecoder, token: int) -> tuple[int, int]:
+    """(graphs, graph breaks) `torch._dynamo.explain` finds in one step of the decoder's eager step function."""
+    import torch._dynamo
+
+    length = decoder.cache.length
+    device = decoder.cache.keys[0].device
+    ids, pos = torch.tensor([[token]], device=device), torch.tensor([length], device=device)
+    explanation = torch._dynamo.explain(decoder._step)(ids, pos)
+    decoder.cache.crop(length)
+    return explanation.graph_count, explanation.graph_break_count
