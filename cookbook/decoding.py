@@ -315,7 +315,11 @@ def forward(model, ids: torch.Tensor, cache: KVCache | None = None, last_only: b
 
 
 def _final_logits(model, x: torch.Tensor) -> torch.Tensor:
-    logits = model.lm_head(x)  # (b, t, V)
+    return softcap_logits(model, model.lm_head(x))  # (b, t, V)
+
+
+def softcap_logits(model, logits: torch.Tensor) -> torch.Tensor:
+    """The final logit soft-capping of the config (cap * tanh(logits / cap)), if it has one."""
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap is not None else logits
 

@@ -6,6 +6,7 @@ fixed: the cache is written at a position tensor (`KVCache.write_at`, index_copy
 attention reads the whole preallocated buffer under a mask built from that position, and the rotary tables are
 computed once for every position and indexed. One compiled graph then serves every token (gpt-fast's design);
 eager and compiled runs of the same `StaticDecoder` share its code, so they can be compared token for token.
+Compiled one-token steps of a float model also take the hand-fused head (`matvec_head`, checked against the linear).
 Shapes: t new tokens, L = max_len cache slots, d head_dim, V vocabulary.
 """
 
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from cookbook import decoding as dec
 
@@ -59,7 +61,10 @@ class StaticDecoder:
         x = model.model.embed_tokens(tokens)  # (1, t, D)
         for i, (layer, layer_type) in enumerate(zip(model.model.layers, dec._layer_types(model.config))):
             x = dec.decoder_layer(layer, x, ctx, layer_type, self.cache, i)
-        return dec._final_logits(model, model.model.norm(x))  # (1, t, V)
+        x = model.model.norm(x)  # (1, t, D)
+        if self.compiled and x.shape[1] == 1 and type(model.lm_head) is nn.Linear:
+            return dec.softcap_logits(model, matvec_head(model.lm_head, x))  # (1, 1, V)
+        return dec._final_logits(model, x)  # (1, t, V)
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Run `tokens` after the cache's valid ones; returns logits (t, V) and advances the cache by t."""
@@ -97,6 +102,17 @@ class StaticDecoder:
             if dec._stop(tokens[-1], stop_token_id) or len(tokens) == max_new_tokens:
                 return dec.Generation(tokens, times)
             logits = self.step(tokens[-1:])[-1]  # (V,)
+
+
+def matvec_head(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The head's logits for one token, x (1, 1, D) -> (1, 1, V), written as multiply-and-sum over the (V, D) weight.
+
+    The same numbers as `head(x)` (up to the order of the sums). Eagerly it would build a (V, D) temporary, so only
+    compiled steps use it: inductor turns it into one vectorized loop that streams the weight once, where the BLAS
+    matrix-vector product of some CPUs runs well below the memory bandwidth (notebook 10 measures both).
+    """
+    logits = (head.weight * x[:, :, None, :].to(head.weight.dtype)).sum(-1)  # (1, 1, V, D) summed over D
+    return logits if head.bias is None else logits + head.bias
 
 
 # ---------------------------------------------------------------- prompt-lookup speculative decoding

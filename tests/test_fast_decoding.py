@@ -80,3 +80,8 @@ def test_the_step_is_one_graph_and_compiles_to_the_same_tokens(model):
     counts, eager_counts = fd.ops_per_step(compiled, 3), fd.ops_per_step(eager, 3)
     assert counts.compiled_graphs == 1 and eager_counts.compiled_graphs == 0
     assert counts.aten_ops < eager_counts.aten_ops / 3
+
+
+def test_the_matvec_head_is_the_linear_head(model):
+    x = torch.randn(1, 1, model.config.hidden_size)
+    torch.testing.assert_close(fd.matvec_head(model.lm_head, x), model.lm_head(x), atol=1e-5, rtol=1e-5)
