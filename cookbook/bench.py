@@ -34,8 +34,8 @@ from torch import nn
 
 from . import attention as A
 from . import decoding as dec
-from . import fast_decoding as fd
 from . import distillation as D
+from . import fast_decoding as fd
 from . import kernels as K
 from . import lora
 from . import moe
