@@ -227,6 +227,11 @@ class StepContext:
     write_pos: torch.Tensor | None = None  # (t,): write K/V at these positions of a static cache (cache.write_at)
 
 
+def layer_window(config, layer_type: str) -> int | None:
+    """How many recent tokens a layer of this type attends to: the sliding window, or None (global)."""
+    return config.sliding_window if layer_type == "sliding_attention" else None
+
+
 def step_context(config, start: int, t: int, device: torch.device, dtype: torch.dtype) -> StepContext:
     """Rotary tables and masks for t new tokens at positions [start, start + t) over keys [0, start + t)."""
     q_pos = torch.arange(start, start + t, device=device)  # (t,)
@@ -234,7 +239,7 @@ def step_context(config, start: int, t: int, device: torch.device, dtype: torch.
     rope, masks = {}, {}
     for layer_type in set(_layer_types(config)):
         rope[layer_type] = rope_cos_sin(config, layer_type, q_pos, dtype)
-        window = config.sliding_window if layer_type == "sliding_attention" else None
+        window = layer_window(config, layer_type)
         needs_mask = t > 1 or (window is not None and start + t > window)
         masks[layer_type] = attention_mask(q_pos, k_pos, window) if needs_mask else None
     return StepContext(q_pos, rope, masks)

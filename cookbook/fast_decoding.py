@@ -28,10 +28,8 @@ def static_context(config, pos: torch.Tensor, max_len: int,
                    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dec.StepContext:
     """What the layers share for new tokens at positions pos (t,) over all L cache slots: rotary rows, masks."""
     slots = torch.arange(max_len, device=pos.device)  # (L,)
-    masks = {}
-    for layer_type in rope:
-        window = config.sliding_window if layer_type == "sliding_attention" else None
-        masks[layer_type] = dec.attention_mask(pos, slots, window)  # (t, L): also hides slots not written yet
+    # (t, L) per layer type; a slot not written yet sits after pos, so causality hides it too
+    masks = {lt: dec.attention_mask(pos, slots, dec.layer_window(config, lt)) for lt in rope}
     rows = {lt: (cos[pos], sin[pos]) for lt, (cos, sin) in rope.items()}  # (t, d) each
     return dec.StepContext(pos, rows, masks, write_pos=pos)
 

@@ -257,10 +257,11 @@ def _read_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int, layou
     return torch.where(high[:, None], data >> 4, data & 15)  # (n, in)
 
 
-def int4pack_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int) -> torch.Tensor:
+def int4pack_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int,
+                  layout: tuple[int, str] | None = None) -> torch.Tensor:
     """The 4-bit codes (len(rows), in) of `rows` read back from `aten._convert_weight_to_int4pack_for_cpu`'s
-    layout as this process packs it (`int4_layout`)."""
-    layout = int4_layout()
+    layout as this process packs it (`int4_layout`, unless the caller found it already)."""
+    layout = layout or int4_layout()
     if layout is None:
         raise ValueError("This torch packs int4 weights in a layout the row reader does not know; use the int8 "
                          "tied table (quantization.quantize_tied_embedding_int8).")
@@ -270,7 +271,7 @@ def int4pack_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int) ->
 class PackedInt4TiedTable(nn.Module):
     """The tied embedding / lm_head matrix (V, d) as 4-bit codes in groups, stored ONCE, in the int4 kernel's
     layout: the head is `_weight_int4pack_mm_for_cpu` (half the bytes of the int8 table per token), a lookup
-    reads its rows back (`_read_rows`, in the layout `int4_layout` found at construction) and dequantizes them.
+    reads its rows back (`int4pack_rows`, in the layout `int4_layout` found at construction) and dequantizes them.
     The same `embed` / `logits` interface as `quantization.Int8TiedEmbedding`, so the same views serve both."""
 
     def __init__(self, weight: torch.Tensor, embed_scale: float = 1.0, group_size: int = 32,
@@ -292,7 +293,7 @@ class PackedInt4TiedTable(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)  # (n,)
-        codes = _read_rows(self.packed, flat, self.in_features, self.layout).float()  # (n, d)
+        codes = int4pack_rows(self.packed, flat, self.in_features, self.layout).float()  # (n, d)
         sz = self.scales_and_zeros[:, flat].float().repeat_interleave(self.group_size, dim=0)  # (d, n, 2)
         rows = (codes - 8) * sz[..., 0].T + sz[..., 1].T  # (n, d): (q - 8) s + (8 - z) s = (q - z) s
         return (rows * self.embed_scale).reshape(*ids.shape, self.in_features)  # (..., d)
