@@ -35,6 +35,7 @@ from torch import nn
 from . import attention as A
 from . import decoding as dec
 from . import distillation as D
+from . import early_exit as EE
 from . import fast_decoding as fd
 from . import kernels as K
 from . import lora
@@ -43,7 +44,8 @@ from . import pruning as P
 from . import quantization as Q
 from . import recipe as R
 from . import serving as sv
-from .data import calibration_batch, copy_task, encode, load_text, with_bos
+from . import speculative as sp
+from .data import TRAIN_TEXT, calibration_batch, copy_task, encode, load_text, with_bos
 from .evaluate import PerplexityProtocol, perplexity, relative_change
 from .measure import (count_parameters, cpu_has_native_bf16, decode_bytes_per_token, format_bytes,
                       measure_generation, memory_bandwidth, model_bytes, roofline_tokens_per_s)
@@ -519,6 +521,39 @@ def bench_kv_cache(model, tokenizer, device, settings: BenchSettings) -> list[di
     ]
 
 
+SHORTLIST_SIZE = 4096  # the early-exit bound's candidates: the training text's most frequent tokens
+
+
+def bench_early_exit(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """Early exit (notebook 10) after 2/3 and 5/6 of the layers at threshold 0.9, teacher-forced over the eval text
+    after the bench prompt: the confidence test and its shortlist bound, against the same loop without exits."""
+    n_layers, fmt = model.config.num_hidden_layers, dtype_name(model)
+    exits = sorted({min(n_layers - 1, max(1, round(f * n_layers))) for f in (2 / 3, 5 / 6)})
+    text = encode(tokenizer, load_text(settings.protocol.text), settings.prompt_tokens + settings.new_tokens - 1)
+    ids = with_bos(tokenizer, text[None]).to(device)  # (1, prompt + new tokens)
+    if type(model.lm_head) is not nn.Linear or n_layers < 2:
+        return [result_row("decoding", "early exit", fmt, notes="not measured: needs a float nn.Linear head and at "
+                                                                "least 2 layers")]
+    shortlist = EE.ShortlistTest(model, EE.frequent_tokens(encode(tokenizer, load_text(TRAIN_TEXT)), SHORTLIST_SIZE))
+    run = lambda layers, bound=None: EE.early_exit_teacher_forced(model, ids, layers, 0.9, settings.prompt_tokens,
+                                                                  bound)
+    tps = lambda r: len(r.times_s) / r.times_s[-1]
+    plain, plain_tps = best_of(lambda: run([]), tps, settings)
+    rows = []
+    for name, bound in (("confidence test", None), (f"shortlist bound ({SHORTLIST_SIZE} tokens)", shortlist)):
+        res, res_tps = best_of(lambda: run(exits, bound), tps, settings)
+        n = len(res.tokens)
+        rows.append(result_row(
+            "decoding", f"early exit after {exits} layers, threshold 0.9, {name}", fmt, model, None, res_tps, notes=(
+                f"teacher-forced over {n} tokens after the prompt, our loop: {res_tps / plain_tps:.2f}x the same loop "
+                f"without exits ({plain_tps:.1f} tok/s); perplexity of those {n} tokens "
+                f"{math.exp(sum(res.nll) / n):.2f} against {math.exp(sum(plain.nll) / n):.2f}; "
+                f"{sum(e < n_layers for e in res.exit_layers) / n:.0%} of tokens exit, top-1 as the full model "
+                f"for {sum(a == b for a, b in zip(res.tokens, plain.tokens)) / n:.0%}; "
+                f"{sum(res.head_reads) / n:.2f} whole-head reads per token by the checks")))
+    return rows
+
+
 def bench_speculative(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
     """Greedy speculative decoding with two drafts: the first 2/3 of the layers (shares every weight), and
     notebook 06's distilled student when it is saved."""
@@ -527,12 +562,12 @@ def bench_speculative(model, tokenizer, device, settings: BenchSettings) -> list
     layers = model.config.num_hidden_layers
     plain, _ = dec.generate_with_cache(model, prompt, n)
     student, why_not = saved_student(model, tokenizer, device)
-    drafts = {"truncated": dec.truncated_draft(model, max(1, round(2 * layers / 3)))}
+    drafts = {"truncated": sp.truncated_draft(model, max(1, round(2 * layers / 3)))}
     if student is not None:
         drafts["distilled student"] = student
     rows = []
     for kind, draft in drafts.items():
-        spec, spec_tps = best_of(lambda: dec.speculative_generate(model, draft, prompt, n, k=3),
+        spec, spec_tps = best_of(lambda: sp.speculative_generate(model, draft, prompt, n, k=3),
                                  lambda r: len(r.tokens) / r.seconds, settings)
         rows.append(result_row(
             "decoding", f"speculative, {draft.config.num_hidden_layers}-layer {kind} draft, k=3", fmt, model, None,
@@ -541,6 +576,40 @@ def bench_speculative(model, tokenizer, device, settings: BenchSettings) -> list
                    f"acceptance {spec.acceptance_rate:.2f}, {spec.tokens_per_target_pass:.2f} tokens per target pass")))
     if student is None:
         rows[0]["notes"] += f"; no distilled-student draft: {why_not}"
+    return rows + twin_draft_rows(model, tokenizer, settings)
+
+
+TWIN_K = 4  # drafts per round for the int4 twin: its acceptance (~0.75) makes 4-6 the best k
+
+
+def twin_draft_rows(model, tokenizer, settings: BenchSettings) -> list[dict]:
+    """The model's packed int4 twin (`kernels.packed_int4_model`) drafting for it, eager and compiled, against
+    transformers' generate on the same prompt, both timed with their prefill."""
+    fmt = dtype_name(model)
+    if model.device.type != "cpu":
+        return [result_row("decoding", f"speculative, packed int4 twin draft, k={TWIN_K}", fmt,
+                           notes="not measured: the packed int4 kernels are CPU kernels")]
+    prompt, n = bench_prompt(tokenizer, settings, model.device), settings.new_tokens
+    twin = K.packed_int4_model(model, INT4_HEAD_GROUP)
+    hf = measure_generation(model, prompt, n, settings.warmup, settings.repeats, statistic="min")
+    hf_tps, plain = n / hf.generate_s, dec.generate_with_cache(model, prompt, n)[0].tokens
+    rows, slots = [], prompt.shape[1] + n + TWIN_K
+    for compiled in (False, True):
+        target = fd.StaticDecoder(model, slots, compile=compiled)
+        drafter = sp.ModelDrafter(fd.StaticDecoder(twin, slots, compile=compiled))
+        start = time.perf_counter()
+        sp.speculate(target, drafter, prompt, 2, k=TWIN_K)  # compiles both steps
+        first = time.perf_counter() - start
+        res, tps = best_of(lambda: sp.speculate(target, drafter, prompt, n, k=TWIN_K),
+                           lambda r: len(r.tokens) / r.seconds, settings)
+        how = ", both compiled" if compiled else ""
+        rows.append(result_row(
+            "decoding", f"speculative, packed int4 twin draft (RTN g32 + int4 head), k={TWIN_K}{how}", fmt, model,
+            None, tps, aggregate=True,
+            notes=(f"tokens/s with prefill, {n} tokens: {tps / hf_tps:.2f}x generate ({hf_tps:.1f}) on the same "
+                   f"prompt; identical to our eager greedy: {res.tokens == plain}; acceptance "
+                   f"{res.acceptance_rate:.2f}, {res.tokens_per_target_pass:.2f} tokens per target pass"
+                   + (f"; compile + first tokens {first:.0f} s" if compiled else ""))))
     return rows
 
 
@@ -591,8 +660,8 @@ def prompt_lookup_row(model, tokenizer, settings: BenchSettings, decoder: fd.Sta
     """Prompt lookup (k=8, n-grams up to 3) on `data.copy_task`, timed with its prefill, against plain greedy of the
     same (compiled) decoder and transformers' generate on the same prompt."""
     prompt, n = copy_task(tokenizer).to(model.device), settings.new_tokens
-    fd.prompt_lookup_generate(decoder, prompt, n, k=8)  # compiles the (k + 1)-token shape
-    res, tps = best_of(lambda: fd.prompt_lookup_generate(decoder, prompt, n, k=8), lambda r: len(r.tokens) / r.seconds,
+    sp.prompt_lookup_generate(decoder, prompt, n, k=8)  # compiles the (k + 1)-token shape
+    res, tps = best_of(lambda: sp.prompt_lookup_generate(decoder, prompt, n, k=8), lambda r: len(r.tokens) / r.seconds,
                        settings)
     plain, plain_tps = best_of(lambda: decoder.generate(prompt, n), dec.Generation.tokens_per_s, settings)
     hf = measure_generation(model, prompt, n, settings.warmup, settings.repeats, statistic="min")
@@ -776,6 +845,7 @@ TECHNIQUES: dict[str, Callable[..., list[dict]]] = {
     "moe": bench_moe,
     "attention": bench_attention,
     "kv_cache": bench_kv_cache,
+    "early_exit": bench_early_exit,
     "speculative": bench_speculative,
     "compiled": bench_compiled,
     "serving": bench_serving,

@@ -1,5 +1,5 @@
-"""Fast decoding loops (notebook 10, sections 5 and 6): a static-shape decode step that `torch.compile` captures
-whole, and prompt-lookup speculative decoding, which drafts from the context instead of a draft model.
+"""A static-shape decode step that `torch.compile` captures whole (notebook 10, section 5), and what compilation
+changes: operators per token, graph breaks. `speculative` runs its target and draft models on this step.
 
 The step is `decoding`'s own forward (same layers, same KV cache class) with three changes that make every shape
 fixed: the cache is written at a position tensor (`KVCache.write_at`, index_copy) instead of a Python-int slice,
@@ -111,58 +111,6 @@ def matvec_head(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """
     logits = (head.weight * x[:, :, None, :].to(head.weight.dtype)).sum(-1)  # (1, 1, V, D) summed over D
     return logits if head.bias is None else logits + head.bias
-
-
-# ---------------------------------------------------------------- prompt-lookup speculative decoding
-
-
-def lookup_draft(seq: list[int], k: int, max_ngram: int = 3) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of the sequence's last n tokens, trying
-    n = max_ngram down to 1 (prompt-lookup decoding, Saxena 2023); [] when no suffix occurs earlier."""
-    for n in range(min(max_ngram, len(seq) - 1), 0, -1):
-        tail = seq[-n:]
-        for start in range(len(seq) - n - 1, -1, -1):  # the most recent match first
-            if seq[start:start + n] == tail:
-                return seq[start + n:start + n + k]
-    return []
-
-
-def check_lookup_args(k: int, max_ngram: int) -> None:
-    if k < 1 or max_ngram < 1:
-        raise ValueError(f"Prompt lookup needs k >= 1 draft tokens and max_ngram >= 1, got k={k}, "
-                         f"max_ngram={max_ngram}.")
-
-
-@torch.no_grad()
-def prompt_lookup_generate(decoder: StaticDecoder, prompt_ids: torch.Tensor, max_new_tokens: int, k: int = 8,
-                           max_ngram: int = 3, stop_token_id: int | None = None) -> dec.SpeculativeResult:
-    """Greedy speculative decoding whose drafts come from the context (`lookup_draft`), verified by the target
-    in one pass of the last token plus the drafts: token for token the target's greedy output.
-
-    A compiled decoder always verifies k + 1 tokens (drafts padded; padding is never accepted), so it compiles
-    two shapes: 1 token (no draft found) and k + 1.
-    """
-    dec._check_prompt(prompt_ids, max_new_tokens)
-    check_lookup_args(k, max_ngram)
-    start = time.perf_counter()
-    seq, new = prompt_ids[0].tolist(), []
-    decoder.cache.crop(0)
-    if len(seq) > 1:  # invariant: the cache holds seq[:-1]
-        dec.forward(decoder.model, prompt_ids[:, :-1], decoder.cache)
-    proposed = accepted = passes = 0
-    while len(new) < max_new_tokens:
-        drafted = lookup_draft(seq, k, max_ngram)
-        pad = [seq[-1]] * (k - len(drafted)) if decoder.compiled and drafted else []
-        base = decoder.cache.length
-        logits = decoder.step([seq[-1], *drafted, *pad])[: len(drafted) + 1]  # (n + 1, V): one target pass
-        kept = dec._verify(logits, drafted, [], 0.0, None)
-        passes, proposed, accepted = passes + 1, proposed + len(drafted), accepted + len(kept) - 1
-        seq, new = seq + kept, new + kept
-        decoder.cache.crop(base + len(kept))  # seq[-1] and the accepted drafts; the rest is overwritten later
-        if stop_token_id is not None and stop_token_id in kept:
-            new = new[: new.index(stop_token_id) + 1]
-            break
-    return dec.SpeculativeResult(new[:max_new_tokens], proposed, accepted, passes, time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------- what compilation changes

@@ -18,14 +18,15 @@ slowdown. CPU kernels only for now: for a weight on a GPU `why_not_packed` says 
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
 from torch import nn
 
 from .measure import cpu_has_native_bf16
-from .quantization import (Int8TiedEmbedding, QuantizedWeight, QuantLinear, _HeadView, quantize_weight,
-                           replace_tied_table, swap_modules)
+from .quantization import (Int8TiedEmbedding, QuantizedWeight, QuantLinear, _HeadView, quantize_linears_rtn,
+                           quantize_weight, replace_tied_table, swap_modules)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 INT4_ROW_MULTIPLE = 16  # the CPU int4 layout packs 16 output rows together
@@ -323,3 +324,14 @@ def quantize_tied_embedding_int4(model: nn.Module, group_size: int = 32) -> dict
     """Replace the tied embedding and lm_head by views of ONE PackedInt4TiedTable; returns the originals."""
     return replace_tied_table(model, lambda w, scale: PackedInt4TiedTable(w, scale, group_size),
                               "quantize_tied_embedding_int4")
+
+
+def packed_int4_model(model: nn.Module, group_size: int = 32) -> nn.Module:
+    """A copy of a float model entirely on the int4 kernel, the quickest int4 model to build (no calibration):
+    every decoder linear RTN int4 in groups (asymmetric), packed, and the tied table as a `PackedInt4TiedTable`.
+    Notebook 10 decodes it compiled and uses it as the float model's draft."""
+    twin = copy.deepcopy(model)
+    quantize_linears_rtn(twin, 4, group_size, symmetric=False)
+    pack_quantized_linears(twin)
+    quantize_tied_embedding_int4(twin, group_size)
+    return twin

@@ -78,6 +78,10 @@ def test_rows_measure_what_they_claim(rows, tiny):
     assert by["KV cache (float)"]["perplexity"] == pytest.approx(base["perplexity"], rel=1e-4)
     assert "identical to no cache: True" in by["KV cache (float)"]["notes"]
     assert "identical to greedy: True" in next(r for r in rows if r["variant"].startswith("speculative"))["notes"]
+    twin = by[f"speculative, packed int4 twin draft (RTN g32 + int4 head), k={bench.TWIN_K}"]
+    assert "identical to our eager greedy: True" in twin["notes"]
+    exits = [r for r in rows if r["variant"].startswith("early exit")]
+    assert len(exits) == 2 and all("whole-head reads per token" in r["notes"] for r in exits)
     # compiled decoding: the same step eager and compiled, prompt lookup = greedy, the packed GPTQ model compiled
     assert "compile + first tokens" in by["static decode step, torch.compile (fullgraph)"]["notes"]
     assert "identical to greedy: True" in by["prompt lookup on the copy task, k=8, compiled"]["notes"]

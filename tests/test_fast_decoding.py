@@ -1,5 +1,5 @@
 """cookbook.fast_decoding on the tiny random Gemma 3 (sliding window 8): the static step against our eager forward,
-prompt lookup against greedy decoding, and one small compiled run."""
+and one small compiled run."""
 
 from __future__ import annotations
 
@@ -37,24 +37,6 @@ def test_static_generate_is_our_cached_greedy(model):
     assert fd.StaticDecoder(model, 40).generate(ids, 10).tokens == ref.tokens
 
 
-@pytest.mark.parametrize("k", [1, 4])
-def test_prompt_lookup_is_greedy_token_for_token(model, k):
-    ids = repeating_prompt()
-    decoder = fd.StaticDecoder(model, 64)
-    ref = decoder.generate(ids, 20).tokens
-    result = fd.prompt_lookup_generate(decoder, ids, 20, k=k)
-    assert result.tokens == ref
-    assert result.proposed > 0 and 0 <= result.accepted <= result.proposed
-    assert result.target_passes <= len(ref)
-
-
-def test_lookup_draft_takes_the_latest_longest_match():
-    assert fd.lookup_draft([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 2) == [7, 1]  # latest occurrence of (1, 2, 3)
-    assert fd.lookup_draft([5, 1, 2, 8, 2], 3) == [8, 2]  # only the 1-gram (2,) matches
-    assert fd.lookup_draft([1, 2, 3], 4) == []
-    assert fd.lookup_draft([4], 4) == []
-
-
 def test_bad_input_is_refused_with_a_clear_message(model):
     decoder = fd.StaticDecoder(model, 8)
     with pytest.raises(ValueError, match="larger max_len"):
@@ -62,8 +44,6 @@ def test_bad_input_is_refused_with_a_clear_message(model):
         decoder.step(list(range(5)))
     with pytest.raises(ValueError, match="max_len > prompt length"):
         decoder.prefill(repeating_prompt())
-    with pytest.raises(ValueError, match="k >= 1"):
-        fd.prompt_lookup_generate(decoder, repeating_prompt()[:, :4], 2, k=0)
     int8 = dec.Int8KVCache.allocate(model.config, 8)
     with pytest.raises(ValueError, match="float KVCache"):
         int8.write_at(0, torch.tensor([0]), torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16))
