@@ -51,20 +51,24 @@ class ShortlistTest:
     """A cheap exit test: the confidence over a shortlist of S head rows (S << V) instead of all V.
 
     Dropping rows only shrinks the softmax's denominator, so a token's probability among the S candidates is at least
-    its probability among all V: every token the full confidence test would let exit, and whose top-1 is on the
-    shortlist, passes. The head is then read once, to confirm with the full test and to give the logits the exiting
-    token needs anyway; a token that fails costs S rows, not V. Exits are the full test's, less those off the list.
+    its probability among all V: wherever the full confidence test would let a token exit and its top-1 is on the
+    shortlist, the bound passes. The head is then read once, to confirm with the full test and to give the logits the
+    exiting token needs anyway; a token that fails costs S rows, not V. So the bound never lets a token exit that the
+    full test would keep; a confident token whose top-1 is off the list exits later, or not at all.
     """
 
     def __init__(self, model, token_ids: torch.Tensor) -> None:
         head = model.lm_head
-        if type(head) is not nn.Linear:
-            raise ValueError(f"ShortlistTest reads rows of a float nn.Linear head; this model's head is "
-                             f"{type(head).__name__}. Build the test on the float model.")
-        if token_ids.numel() == 0 or int(token_ids.max()) >= head.out_features:
-            raise ValueError(f"token_ids must be a non-empty set of ids below the vocabulary ({head.out_features}).")
+        if type(head) is not nn.Linear or head.bias is not None:
+            raise ValueError(f"ShortlistTest reads rows of a float, bias-free nn.Linear head; this model's head is "
+                             f"{head!r}. Build the test on the float model.")
+        ids = torch.unique(token_ids)  # the bound needs each candidate once: a repeated row would count twice
+        if token_ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids[0] < 0 \
+                or ids[-1] >= head.out_features:
+            raise ValueError(f"token_ids must be a non-empty 1-D set of integer ids in [0, {head.out_features}), "
+                             f"got {tuple(token_ids.shape)} {token_ids.dtype}.")
         self.model = model
-        self.rows = head.weight.detach()[token_ids].clone()  # (S, D): S x D floats, read per check
+        self.rows = head.weight.detach()[ids].clone()  # (S, D): S x D floats, read per check
 
     def passes(self, h: torch.Tensor, threshold: float) -> bool:
         """Whether the normed hidden state h (1, 1, D) is confident enough on the shortlist."""
@@ -78,6 +82,8 @@ def exit_agreement(model, ids: torch.Tensor, exit_layers: list[int]) -> tuple[to
     top-1 token there equals the full model's (E, t). The head runs in chunks of 64 tokens (64 x V floats each)."""
     dec._check_model(model)
     _check_exit_layers(exit_layers, len(model.model.layers), 1.0)
+    if not exit_layers:
+        raise ValueError("exit_agreement needs at least one exit point (a layer count in exit_layers).")
     config = model.config
     x = model.model.embed_tokens(ids)  # (1, t, D)
     ctx = dec.step_context(config, 0, ids.shape[1], x.device, x.dtype)
@@ -135,8 +141,9 @@ def early_exit_step(model, token: torch.Tensor, cache: dec.KVCache, exit_layers:
 @torch.no_grad()
 def early_exit_teacher_forced(model, ids: torch.Tensor, exit_layers: list[int], threshold: float,
                               prefix: int = 1, shortlist: ShortlistTest | None = None) -> EarlyExitResult:
-    """Score ids (1, t) token by token with early exit: the first `prefix` tokens are prefilled in full,
-    then each step feeds the true next token, records its exit layer, NLL of the following true token, and time."""
+    """Score ids (1, t) token by token with early exit: the first `prefix` tokens are context (all but the last
+    prefilled in one pass); from token `prefix - 1` on, each step feeds the true token and records its exit layer,
+    the NLL of the following true token, and the time."""
     dec._check_prompt(ids, 1)
     if not 1 <= prefix < ids.shape[1]:
         raise ValueError(f"prefix must be in [1, {ids.shape[1] - 1}], got {prefix}.")
@@ -155,9 +162,10 @@ def early_exit_teacher_forced(model, ids: torch.Tensor, exit_layers: list[int], 
 
 
 def break_even_exit_rate(check_s: float, saved_s: float) -> float:
-    """The share of tokens that must exit for early exit to pay: every token pays the checks (`check_s`, summed over
-    the exit points it reaches), each exiting token saves `saved_s` (the skipped layers less their K/V projections).
-    Above 1: it cannot pay at any exit rate."""
-    if saved_s <= 0:
-        return float("inf")
-    return check_s / saved_s
+    """The share of tokens that must exit for early exit to pay. A token that does not exit pays its checks
+    (`check_s`: every exit point's test it went through) for nothing; a token that exits saves `saved_s` (the
+    skipped layers less their K/V projections), its confirming head read replacing the final one. Break-even:
+    rate x saved = (1 - rate) x checks."""
+    if check_s < 0 or saved_s < 0 or check_s + saved_s == 0:
+        raise ValueError(f"Need non-negative costs, not both zero; got check_s={check_s}, saved_s={saved_s}.")
+    return check_s / (check_s + saved_s)

@@ -73,7 +73,8 @@ class StaticDecoder:
         device = self.cache.keys[0].device
         ids = torch.tensor([tokens], device=device)  # (1, t)
         pos = torch.arange(start, start + len(tokens), device=device)  # (t,)
-        logits = self._run(ids, pos)[0]  # (t, V)
+        with torch.no_grad():  # one grad mode for every caller: dynamo guards on it, and would compile again
+            logits = self._run(ids, pos)[0]  # (t, V)
         self.cache.advance(len(tokens))
         return logits
 

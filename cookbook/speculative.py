@@ -1,7 +1,7 @@
 """Speculative decoding (notebook 10, sections 4 and 6): a cheap drafter proposes k tokens, the target checks them
 all in one pass, and we keep the longest prefix it agrees with plus one token of its own.
 
-One round loop, `speculate`, serves every drafter: `ModelDrafter` (a second model, e.g. a truncated copy of the
+One round loop, `speculate`, serves every drafter (anything with `check`, `start` and `propose`): `ModelDrafter` (a second model, e.g. a truncated copy of the
 target or its packed int4 twin) and `LookupDrafter` (prompt lookup: the tokens that followed the same n-gram earlier
 in the context). Target and draft are `fast_decoding.StaticDecoder`s, eager or compiled. Greedy (temperature 0) the
 output is the target's greedy output token for token; with sampling `rejection_sample` keeps the target's
@@ -84,6 +84,11 @@ class ModelDrafter:
     def __init__(self, decoder: StaticDecoder) -> None:
         self.decoder = decoder
 
+    def check(self, need: int, temperature: float) -> None:
+        if self.decoder.max_len < need:
+            raise ValueError(f"The draft's StaticDecoder holds {self.decoder.max_len} tokens; this request needs "
+                             f"{need} (prompt + new tokens + k). Build it with a larger max_len.")
+
     def start(self, prompt_ids: torch.Tensor) -> None:
         """Fill the draft's cache with the prompt but its last token (the loop's invariant for both models)."""
         self.decoder.cache.crop(0)
@@ -112,13 +117,15 @@ class LookupDrafter:
             raise ValueError(f"Prompt lookup needs max_ngram >= 1, got {max_ngram}.")
         self.max_ngram = max_ngram
 
+    def check(self, need: int, temperature: float) -> None:
+        if temperature != 0:
+            raise ValueError("Prompt lookup drafts have no probabilities to sample against: use temperature=0.")
+
     def start(self, prompt_ids: torch.Tensor) -> None:
         pass
 
     def propose(self, seq: list[int], k: int, temperature: float,
                 generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor]]:
-        if temperature != 0:
-            raise ValueError("Prompt lookup drafts have no probabilities to sample against: use temperature=0.")
         return lookup_draft(seq, k, self.max_ngram), []
 
 
@@ -155,7 +162,7 @@ class SpeculativeResult:
         return len(self.tokens) / max(self.target_passes, 1)
 
 
-def _check_round_args(target: StaticDecoder, prompt_ids: torch.Tensor, max_new_tokens: int, k: int,
+def _check_round_args(target: StaticDecoder, drafter, prompt_ids: torch.Tensor, max_new_tokens: int, k: int,
                       temperature: float) -> None:
     dec._check_prompt(prompt_ids, max_new_tokens)
     if k < 1:
@@ -166,6 +173,7 @@ def _check_round_args(target: StaticDecoder, prompt_ids: torch.Tensor, max_new_t
     if target.max_len < need:
         raise ValueError(f"The target's StaticDecoder holds {target.max_len} tokens; a prompt of "
                          f"{prompt_ids.shape[1]}, {max_new_tokens} new tokens and k={k} drafts need {need}.")
+    drafter.check(need, temperature)
 
 
 @torch.no_grad()
@@ -178,7 +186,7 @@ def speculate(target: StaticDecoder, drafter, prompt_ids: torch.Tensor, max_new_
     Invariant between rounds: the target's cache holds seq[:-1]. A compiled target always verifies k + 1 tokens
     (short drafts padded; padding is never accepted), so it compiles two shapes: 1 token (no draft) and k + 1.
     """
-    _check_round_args(target, prompt_ids, max_new_tokens, k, temperature)
+    _check_round_args(target, drafter, prompt_ids, max_new_tokens, k, temperature)
     start = time.perf_counter()
     seq, new = prompt_ids[0].tolist(), []
     target.cache.crop(0)

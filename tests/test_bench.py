@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -81,7 +82,8 @@ def test_rows_measure_what_they_claim(rows, tiny):
     twin = by[f"speculative, packed int4 twin draft (RTN g32 + int4 head), k={bench.TWIN_K}"]
     assert "identical to our eager greedy: True" in twin["notes"]
     exits = [r for r in rows if r["variant"].startswith("early exit")]
-    assert len(exits) == 2 and all("whole-head reads per token" in r["notes"] for r in exits)
+    reads = [float(re.search(r"([\d.]+) whole-head reads per token", r["notes"]).group(1)) for r in exits]
+    assert len(exits) == 2 and "shortlist" in exits[1]["variant"] and reads[1] < reads[0], reads
     # compiled decoding: the same step eager and compiled, prompt lookup = greedy, the packed GPTQ model compiled
     assert "compile + first tokens" in by["static decode step, torch.compile (fullgraph)"]["notes"]
     assert "identical to greedy: True" in by["prompt lookup on the copy task, k=8, compiled"]["notes"]

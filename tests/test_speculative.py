@@ -166,10 +166,9 @@ def test_quantized_twin_drafts_on_static_decoders_greedy_identical(model):
 
 
 def test_packed_twin_is_a_draft_too(model):
-    twin = int4_twin(model)
     if not K.packed_support()["int4"]:
         pytest.skip("this torch has no packed int4 kernel")
-    K.pack_quantized_linears(twin)
+    twin = K.packed_int4_model(model, 32)  # packed linears and the int4 tied table
     ids = prompt(6, seed=4)
     target = fd.StaticDecoder(model, 40)
     res = sp.speculate(target, sp.ModelDrafter(fd.StaticDecoder(twin, 40)), ids, 12, k=3)
@@ -194,3 +193,6 @@ def test_round_arguments_are_checked(model):
         sp.prompt_lookup_generate(target, prompt(5), 4, k=2, max_ngram=0)
     with pytest.raises(ValueError, match="temperature=0"):
         sp.speculate(target, sp.LookupDrafter(), repeating_prompt()[:, :8], 4, k=2, temperature=1.0)
+    small_draft = sp.ModelDrafter(fd.StaticDecoder(model, 8))
+    with pytest.raises(ValueError, match="draft's StaticDecoder holds 8"):
+        sp.speculate(target, small_draft, prompt(5), 4, k=2)
