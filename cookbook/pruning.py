@@ -249,15 +249,25 @@ class InputStatistics:
         self.gram = ({name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64)
                       for name, lin in linears.items()} if hessian else {})
         self.tokens = {name: 0 for name in linears}
+        self._last: tuple[torch.Tensor, tuple] | None = None  # the latest input and its sums
         self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()]
+
+    def _sums(self, x: torch.Tensor) -> tuple:
+        """(sum of x^2 per column (in,), X^T X (in, in) or None, tokens) of one batch of inputs, computed once
+        per input tensor: q/k/v read the same normed hidden states, gate/up the same MLP input."""
+        if self._last is None or self._last[0] is not x:
+            flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+            gram = (flat.T @ flat).cpu() if self.gram else None  # (in, in): one batch in float32
+            self._last = (x, ((flat.double() ** 2).sum(0).cpu(), gram, flat.shape[0]))
+        return self._last[1]
 
     def _hook(self, name: str) -> Callable:
         def hook(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
-            self.sq_norm[name] += (x.double() ** 2).sum(0).cpu()  # (in,)
+            sq_norm, gram, tokens = self._sums(args[0])
+            self.sq_norm[name] += sq_norm  # (in,)
             if self.gram:
-                self.gram[name] += (x.T @ x).cpu()  # (in, in): one batch in float32, the sum over batches in float64
-            self.tokens[name] += x.shape[0]
+                self.gram[name] += gram  # (in, in): the sum over batches in float64
+            self.tokens[name] += tokens
         return hook
 
     def input_norm(self, name: str) -> torch.Tensor:
@@ -271,6 +281,7 @@ class InputStatistics:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        self._last = None
 
 
 @torch.no_grad()
@@ -343,32 +354,35 @@ def sparsegpt_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity: floa
 
 def _sparsegpt_columns(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float | None,
                        nm: tuple[int, int] | None, blocksize: int) -> None:
-    """SparseGPT's column loop, in place on W (out, in), with Hinv the upper Cholesky factor of H^-1."""
-    cols = W.shape[1]
+    """SparseGPT's column loop, in place on W (out, in), with Hinv the upper Cholesky factor of H^-1.
+
+    It runs on the transposed weight (in, out), where column j of W is the contiguous row j and each
+    compensation is one rank-1 update (addr_): ~3x faster than on (out, in), same arithmetic."""
+    Wt = W.T.contiguous()  # (in, out)
+    cols = Wt.shape[0]
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()  # (out, b)
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        W1 = Wt[i1:i2].clone()  # (b, out)
+        Err1 = torch.zeros_like(W1)  # (b, out)
         Hinv1 = Hinv[i1:i2, i1:i2]  # (b, b)
         d = torch.diag(Hinv1)  # (b,)
-        if sparsity is not None:
-            prune = ~unstructured_mask(W1**2 / d.unsqueeze(0) ** 2, sparsity)  # (out, b): True = pruned
+        if sparsity is not None:  # the mask is chosen on the (out, b) view: the same tie-breaking order
+            prune = ~unstructured_mask((W1**2 / d.unsqueeze(1) ** 2).T, sparsity).T  # (b, out): True = pruned
         else:
             prune = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
-                score = W1[:, i : i + nm[1]] ** 2 / d[i : i + nm[1]].unsqueeze(0) ** 2  # (out, m)
-                low = torch.topk(score, nm[1] - nm[0], dim=1, largest=False).indices  # (out, m - n)
-                prune[:, i : i + nm[1]].scatter_(1, low, True)
-            w = W1[:, i]  # (out,)
-            q = torch.where(prune[:, i], torch.zeros_like(w), w)
-            Q1[:, i] = q
-            err = (w - q) / Hinv1[i, i]  # (out,)
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # (out, b - i)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the remaining columns
+                score = W1[i : i + nm[1]] ** 2 / d[i : i + nm[1]].unsqueeze(1) ** 2  # (m, out)
+                low = torch.topk(score, nm[1] - nm[0], dim=0, largest=False).indices  # (m - n, out)
+                prune[i : i + nm[1]].scatter_(0, low, True)
+            w = W1[i]  # (out,)
+            err = torch.where(prune[i], w, torch.zeros_like(w)) / Hinv1[i, i]  # (out,) what pruning removes, scaled
+            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1.0)  # (b - i - 1, out) compensate the rest
+            W1[i].masked_fill_(prune[i], 0.0)
+            Err1[i] = err
+        Wt[i1:i2] = W1
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1.0)  # lazy batch update of the remaining columns
+    W.copy_(Wt.T)
 
 
 @torch.no_grad()

@@ -603,35 +603,37 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int |
 
 def _gptq(w: torch.Tensor, h_inv: torch.Tensor, dead: torch.Tensor, bits: int, group_size: int | None,
           symmetric: bool, block_size: int) -> QuantizedWeight:
+    """The column loop of `gptq_quantize` on the transposed weight (in, out), so that column j of w is the
+    contiguous row j here and each compensation is one rank-1 update (addr_): ~3x faster than on (out, in)."""
     check_bits(bits)
     out, inp = w.shape
     gs = check_group_size(inp, group_size)
     if block_size % gs and gs % block_size:
         raise ValueError(f"block_size={block_size} and group_size={gs} must divide one another.")
-    w = w.detach().float().clone()  # (out, in)
-    w[:, dead] = 0.0
-    codes = torch.zeros(out, inp, dtype=torch.uint8)
-    scales, zeros = torch.zeros(out, inp // gs), torch.zeros(out, inp // gs)
+    wt = w.detach().float().T.contiguous()  # (in, out)
+    wt[dead] = 0.0
+    codes = torch.zeros(inp, out, dtype=torch.uint8)  # (in, out), transposed back at the end
+    scales, zeros = torch.zeros(inp // gs, out), torch.zeros(inp // gs, out)
     scale = zero = None
     for b1 in range(0, inp, block_size):
         b2 = min(b1 + block_size, inp)
-        w_blk = w[:, b1:b2].clone()  # (out, B) working copy, updated column by column
-        err_blk = torch.zeros_like(w_blk)  # (out, B) scaled errors, for the lazy update
+        blk = wt[b1:b2].clone()  # (B, out) working copy, updated column by column
+        err_blk = torch.zeros_like(blk)  # (B, out) scaled errors, for the lazy update
         hinv_blk = h_inv[b1:b2, b1:b2]  # (B, B)
         for i in range(b2 - b1):
             col = b1 + i
             if col % gs == 0:  # a new group starts: its scale comes from the weights as updated so far
-                grp = torch.cat([w_blk[:, i:], w[:, b2:]], dim=1)[:, :gs]  # (out, gs)
-                scale, zero = quant_params(grp, bits, symmetric)  # (out,)
-                scales[:, col // gs], zeros[:, col // gs] = scale, zero
-            q = quantize_codes(w_blk[:, i], scale, zero, bits, symmetric)  # (out,)
-            codes[:, col] = q.to(torch.uint8)
-            deq = (q - zero) * scale  # (out,)
-            err = (w_blk[:, i] - deq) / hinv_blk[i, i]  # (out,)
-            w_blk[:, i:] -= err.unsqueeze(1) * hinv_blk[i, i:].unsqueeze(0)  # (out, B - i) compensate
-            err_blk[:, i] = err
-        w[:, b2:] -= err_blk @ h_inv[b1:b2, b2:]  # (out, in - b2) the lazy batch update
-    return QuantizedWeight(codes, scales.half(), zeros.to(torch.uint8), bits, gs, symmetric)
+                grp = torch.cat([blk[i:], wt[b2:]])[:gs]  # (gs, out)
+                scale, zero = quant_params(grp.T, bits, symmetric)  # (out,)
+                scales[col // gs], zeros[col // gs] = scale, zero
+            q = quantize_codes(blk[i], scale, zero, bits, symmetric)  # (out,)
+            codes[col] = q.to(torch.uint8)
+            err = (blk[i] - (q - zero) * scale) / hinv_blk[i, i]  # (out,) the rounding error, scaled
+            blk[i + 1:].addr_(hinv_blk[i, i + 1:], err, alpha=-1.0)  # (B - i - 1, out) compensate the rest
+            err_blk[i] = err
+        wt[b2:].addmm_(h_inv[b1:b2, b2:].T, err_blk, alpha=-1.0)  # (in - b2, out) the lazy batch update
+    return QuantizedWeight(codes.T.contiguous(), scales.T.contiguous().half(), zeros.T.contiguous().to(torch.uint8),
+                           bits, gs, symmetric)
 
 
 # ---------------------------------------------------------------- AWQ
@@ -685,7 +687,8 @@ def quantize_model_layerwise(model: nn.Module, calib_ids: torch.Tensor, method: 
             xs = collect_linear_inputs(layer, hidden, kwargs[i], max_rows=awq_rows if method == "awq" else None)
             new = {}
             hessians = shared_hessians(xs) if method == "gptq" else {}
-            factors = {id(h): inverse_hessian_factor(h) for h in hessians.values()}  # one per distinct Hessian
+            distinct = {id(h): h for h in hessians.values()}  # q/k/v and gate/up share theirs
+            factors = {key: inverse_hessian_factor(h) for key, h in distinct.items()}  # one per distinct Hessian
             for name, x in xs.items():
                 linear = layer.get_submodule(name)
                 if method == "gptq":
