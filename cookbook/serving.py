@@ -367,7 +367,7 @@ class SeqState:
     """A request in flight: its cache, tokens so far and timestamps (seconds on the engine's clock)."""
 
     request: Request
-    cache: KVCache | None = None
+    cache: KVCache | str | None = None  # REPLAYED in a replayed run
     output: list[int] = field(default_factory=list)
     admitted_s: float | None = None
     first_token_s: float | None = None
@@ -409,17 +409,55 @@ class Stats:
         return (self.prefill_pad_slots + self.decode_idle_slots) / max(total, 1)
 
 
+class Replay:
+    """Stands in for the model in `simulate` when every request's tokens are already known.
+
+    The scheduler and the clock's cost model run as usual; no forward pass does, and each pass hands every
+    sequence its next known token. What a policy schedules depends on prompt lengths, `max_new_tokens` and
+    arrival times, never on token values, so a replayed run's times and counters equal those of the real run
+    under the same cost model (tests/test_serving.py checks it). Use it to sweep loads once real runs of each
+    policy have matched `reference_outputs` (`check_outputs`): their tokens are then the ones to replay.
+    """
+
+    def __init__(self, outputs: dict[int, list[int]]) -> None:
+        self.outputs = outputs
+
+    def check(self, requests: Sequence[Request], clock: VirtualClock) -> None:
+        if clock.cost_model is None:
+            raise ValueError("A replayed run has no forward passes to time: give the VirtualClock a cost model "
+                             "(e.g. fit_pass_cost(model, ...)).")
+        short = [r.rid for r in requests if len(self.outputs.get(r.rid, ())) < r.max_new_tokens]
+        if short:
+            raise ValueError(f"Replay has fewer tokens than max_new_tokens for request ids {short}: replay the "
+                             "outputs of a real run of the same requests (reference_outputs or RunResult.outputs).")
+
+    def next_tokens(self, seqs: Sequence[SeqState]) -> list[int]:
+        """Each sequence's next token; a finished row (static batching's padding) repeats its last one."""
+        return [self.outputs[s.request.rid][min(len(s.output), s.request.max_new_tokens - 1)] for s in seqs]
+
+
+REPLAYED = "replayed"  # the cache of a sequence in a replayed run: there is none, but it has been prefilled
+
+
+def _pass(model, tokens: list[list[int]], seqs: list[SeqState], clock: VirtualClock, slots: int) -> list[int]:
+    """One forward pass over `seqs` on the clock: the greedy next token of each (replayed if `model` is a Replay)."""
+    if isinstance(model, Replay):
+        return clock.run(lambda: model.next_tokens(seqs), len(seqs), slots)
+    logits = clock.run(lambda: forward_tokens(model, tokens, [s.cache for s in seqs]), len(seqs), slots)  # (b, V)
+    return logits.argmax(-1).tolist()
+
+
 def _prefill(model, seqs: list[SeqState], clock: VirtualClock, stats: Stats) -> None:
     """One left-padded prefill pass over new sequences; each gets its first token."""
     for s in seqs:
-        s.cache = KVCache.for_model(model, len(s.request.prompt_ids) + s.request.max_new_tokens)
+        capacity = len(s.request.prompt_ids) + s.request.max_new_tokens
+        s.cache = REPLAYED if isinstance(model, Replay) else KVCache.for_model(model, capacity)
     width = max(len(s.request.prompt_ids) for s in seqs)
-    logits = clock.run(lambda: forward_tokens(model, [s.request.prompt_ids for s in seqs], [s.cache for s in seqs]),
-                       len(seqs), len(seqs) * width)
+    tokens = _pass(model, [s.request.prompt_ids for s in seqs], seqs, clock, len(seqs) * width)
     stats.prefill_passes += 1
     stats.prefill_slots += len(seqs) * width
     stats.prefill_pad_slots += sum(width - len(s.request.prompt_ids) for s in seqs)
-    for s, tok in zip(seqs, logits.argmax(-1).tolist()):
+    for s, tok in zip(seqs, tokens):
         s.output.append(tok)
         s.first_token_s = clock.now
         if s.done:
@@ -432,11 +470,10 @@ def _decode(model, seqs: list[SeqState], clock: VirtualClock, stats: Stats, extr
     def last(s: SeqState) -> int:
         tail = extra.get(s.request.rid) if extra else None
         return tail[-1] if tail else s.output[-1]
-    logits = clock.run(lambda: forward_tokens(model, [[last(s)] for s in seqs], [s.cache for s in seqs]),
-                       len(seqs), len(seqs))
+    tokens = _pass(model, [[last(s)] for s in seqs], seqs, clock, len(seqs))
     stats.decode_steps += 1
     stats.decode_slots += len(seqs)
-    for s, tok in zip(seqs, logits.argmax(-1).tolist()):
+    for s, tok in zip(seqs, tokens):
         if s.done:
             stats.decode_idle_slots += 1
             if extra is not None:
@@ -597,13 +634,15 @@ def simulate(model, requests: Sequence[Request], policy: Policy, clock: VirtualC
     Time: requests arrive at their `arrival_s`; every forward pass advances the clock by its measured
     wall time (or the clock's cost model); when nothing can run, the clock jumps to the next event
     (an arrival, or a dynamic-batching window closing). Latency = finish - arrival, TTFT = first token -
-    arrival, both on this clock, so queueing delay is included.
+    arrival, both on this clock, so queueing delay is included. `model` may be a `Replay` of known outputs.
     """
     if not requests:
         raise ValueError("simulate needs at least one request.")
     if len({r.rid for r in requests}) != len(requests):
         raise ValueError("Request ids (rid) must be unique.")
     clock = clock or VirtualClock()
+    if isinstance(model, Replay):
+        model.check(requests, clock)
     pending = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
     start = pending[0].arrival_s
     clock.wait_until(start)

@@ -126,6 +126,26 @@ def test_every_request_completes_with_its_solo_output(model, workload, reference
         assert s.request.arrival_s <= s.admitted_s <= s.first_token_s <= s.finished_s
 
 
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.kind}-{p.max_batch}-{p.preempt}")
+def test_a_replayed_run_schedules_and_times_exactly_like_the_real_one(model, workload, reference, policy):
+    real = sv.simulate(model, workload, policy, sv.VirtualClock(cost))
+    replayed = sv.simulate(sv.Replay(reference), workload, policy, sv.VirtualClock(cost))
+    assert replayed.outputs == real.outputs and replayed.stats == real.stats
+    assert replayed.makespan_s == real.makespan_s and replayed.busy_s == real.busy_s
+    for a, b in zip(real.seqs, replayed.seqs):
+        assert (a.admitted_s, a.first_token_s, a.finished_s, a.preemptions) == \
+               (b.admitted_s, b.first_token_s, b.finished_s, b.preemptions)
+    assert sv.summarize(replayed, 1.0) == sv.summarize(real, 1.0)
+
+
+def test_replay_refuses_what_it_cannot_replay(workload, reference):
+    with pytest.raises(ValueError, match="cost model"):
+        sv.simulate(sv.Replay(reference), workload, sv.Policy("static", 4), sv.VirtualClock())
+    short = {rid: toks[:-1] for rid, toks in reference.items()}
+    with pytest.raises(ValueError, match="fewer tokens than max_new_tokens"):
+        sv.simulate(sv.Replay(short), workload, sv.Policy("static", 4), sv.VirtualClock(cost))
+
+
 def test_continuous_wastes_less_than_static(model, workload):
     static = sv.simulate(model, workload, sv.Policy("static", 4), sv.VirtualClock(cost))
     cont = sv.simulate(model, workload, sv.Policy("continuous", 4), sv.VirtualClock(cost))
