@@ -67,7 +67,8 @@ class BenchSettings:
     training text for GPTQ, AWQ, Wanda and structured pruning. recipe_*: AdamW steps and window length
     of the combined recipe's distillation recovery (`cookbook.recipe`). attention_window: the sliding window the
     attention row puts on the model's global layers. watts, usd_per_hour: the ASSUMED
-    power draw and price behind tokens/J and $/M tokens (see `default_power_and_price`).
+    power draw and price behind tokens/J and $/M tokens (see `default_power_and_price`). compile: also measure
+    the `torch.compile` rows (each compile costs tens of seconds and needs a C++ compiler on CPU).
     """
 
     protocol: PerplexityProtocol = PerplexityProtocol(seq_len=256, stride=256, max_tokens=1024)
@@ -89,6 +90,7 @@ class BenchSettings:
     usd_per_hour: float = 0.10
     assumptions: str = ""
     quick: bool = False
+    compile: bool = True
 
     def __post_init__(self) -> None:
         if self.new_tokens < 2 or self.loop_new_tokens < 2:
@@ -354,7 +356,8 @@ def bench_gptq_awq(model, tokenizer, device, settings: BenchSettings) -> list[di
                                       f"GPTQ int4 + int4 head g{INT4_HEAD_GROUP}, packed",
                                       f"int4 g{g} + int4 emb g{INT4_HEAD_GROUP}",
                                       packed_note() + "; the tied table RTN int4, stored once in the kernel's layout"))
-            rows.append(compiled_row(work, tokenizer, settings, rows[-1]))
+            if settings.compile:
+                rows.append(compiled_row(work, tokenizer, settings, rows[-1]))
         del work
     return rows
 
@@ -594,7 +597,7 @@ def twin_draft_rows(model, tokenizer, settings: BenchSettings) -> list[dict]:
     hf = measure_generation(model, prompt, n, settings.warmup, settings.repeats, statistic="min")
     hf_tps, plain = n / hf.generate_s, dec.generate_with_cache(model, prompt, n)[0].tokens
     rows, slots = [], prompt.shape[1] + n + TWIN_K
-    for compiled in (False, True):
+    for compiled in compile_choices(settings):
         target = fd.StaticDecoder(model, slots, compile=compiled)
         drafter = sp.ModelDrafter(fd.StaticDecoder(twin, slots, compile=compiled))
         start = time.perf_counter()
@@ -611,6 +614,11 @@ def twin_draft_rows(model, tokenizer, settings: BenchSettings) -> list[dict]:
                    f"{res.acceptance_rate:.2f}, {res.tokens_per_target_pass:.2f} tokens per target pass"
                    + (f"; compile + first tokens {first:.0f} s" if compiled else ""))))
     return rows
+
+
+def compile_choices(settings: BenchSettings) -> tuple[bool, ...]:
+    """Eager, then compiled unless `settings.compile` is off (`--no-compile`)."""
+    return (False, True) if settings.compile else (False,)
 
 
 def static_decode_speed(decoder: fd.StaticDecoder, prompt: torch.Tensor, settings: BenchSettings) -> tuple:
@@ -644,7 +652,7 @@ def bench_compiled(model, tokenizer, device, settings: BenchSettings) -> list[di
     prompt, n, fmt = bench_prompt(tokenizer, settings, device), settings.new_tokens, dtype_name(model)
     slots = max(prompt.shape[1], copy_task(tokenizer).shape[1]) + n + 16  # room for 8 drafts and the op count
     rows = []
-    for compiled in (False, True):
+    for compiled in compile_choices(settings):
         decoder = fd.StaticDecoder(model, slots, compile=compiled)
         first, gen, tps = static_decode_speed(decoder, prompt, settings)
         ops = fd.ops_per_step(decoder, gen.tokens[-1])
@@ -658,7 +666,7 @@ def bench_compiled(model, tokenizer, device, settings: BenchSettings) -> list[di
 
 def prompt_lookup_row(model, tokenizer, settings: BenchSettings, decoder: fd.StaticDecoder) -> dict:
     """Prompt lookup (k=8, n-grams up to 3) on `data.copy_task`, timed with its prefill, against plain greedy of the
-    same (compiled) decoder and transformers' generate on the same prompt."""
+    same decoder (compiled unless the settings say not to) and transformers' generate on the same prompt."""
     prompt, n = copy_task(tokenizer).to(model.device), settings.new_tokens
     sp.prompt_lookup_generate(decoder, prompt, n, k=8)  # compiles the (k + 1)-token shape
     res, tps = best_of(lambda: sp.prompt_lookup_generate(decoder, prompt, n, k=8), lambda r: len(r.tokens) / r.seconds,
@@ -666,9 +674,10 @@ def prompt_lookup_row(model, tokenizer, settings: BenchSettings, decoder: fd.Sta
     plain, plain_tps = best_of(lambda: decoder.generate(prompt, n), dec.Generation.tokens_per_s, settings)
     hf = measure_generation(model, prompt, n, settings.warmup, settings.repeats, statistic="min")
     hf_tps = n / hf.generate_s
-    return result_row("decoding", "prompt lookup on the copy task, k=8, compiled", dtype_name(model), model, None, tps,
+    how = "compiled" if decoder.compiled else "eager"
+    return result_row("decoding", f"prompt lookup on the copy task, k=8, {how}", dtype_name(model), model, None, tps,
                       notes=(f"tokens/s with prefill on a {prompt.shape[1]}-token prompt: {tps / hf_tps:.2f}x generate "
-                             f"({hf_tps:.1f}), {tps / plain_tps:.2f}x plain compiled greedy ({plain_tps:.1f}); "
+                             f"({hf_tps:.1f}), {tps / plain_tps:.2f}x plain {how} greedy ({plain_tps:.1f}); "
                              f"identical to greedy: {res.tokens == plain.tokens}; acceptance "
                              f"{res.acceptance_rate:.2f}, {res.tokens_per_target_pass:.2f} tokens per target pass"),
                       aggregate=True)
@@ -1143,7 +1152,8 @@ def report_protocol(report: BenchReport) -> PerplexityProtocol:
 
 
 def bench_command(model_name: str | None, device: str | None, quick: bool, out_dir: str, techniques=None,
-                  watts: float | None = None, usd_per_hour: float | None = None, name: str | None = None) -> dict:
+                  watts: float | None = None, usd_per_hour: float | None = None, name: str | None = None,
+                  compile: bool = True) -> dict:
     """Load the model, run the suite, write the report; what `python -m cookbook bench` calls."""
     from .models import load_model, model_name as resolve_name, resolve_device, set_seed
 
@@ -1153,7 +1163,7 @@ def bench_command(model_name: str | None, device: str | None, quick: bool, out_d
     dev = resolve_device(device)  # a clear ModelLoadError for cuda without a GPU
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    settings = make_settings(dev, quick, watts, usd_per_hour)
+    settings = make_settings(dev, quick, watts, usd_per_hour, compile=compile)
     set_seed(0)
     start = time.perf_counter()
     model, tok = load_model(model_name, device=dev)

@@ -130,7 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     techniques = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else None
     try:
         bench_command(args.model, args.device, args.quick, args.out, techniques, args.watts, args.usd_per_hour,
-                      args.name)
+                      args.name, compile=not args.no_compile)
     except (CookbookError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -149,6 +149,8 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     bench.add_argument("--watts", type=float, help="assumed power draw for tokens/J (default: stated per device)")
     bench.add_argument("--usd-per-hour", type=float, help="assumed machine price for $/M tokens")
     bench.add_argument("--name", help="report file name without extension (default: cpu or cuda-<gpu>)")
+    bench.add_argument("--no-compile", action="store_true",
+                       help="skip the torch.compile rows (each compile takes tens of seconds; on CPU it needs a C++ compiler)")
     bench.set_defaults(func=cmd_bench)
     return bench
 
