@@ -11,6 +11,7 @@ from cookbook import bench
 from cookbook.cli import main
 from cookbook.errors import ModelLoadError
 from cookbook.evaluate import PerplexityProtocol, perplexity
+from cookbook.kernels import packed_int4_model
 from cookbook.measure import GenerationSpeed
 from cookbook.models import tiny_model
 
@@ -119,8 +120,8 @@ def test_rows_measure_what_they_claim(rows, tiny):
 
 
 def test_compiled_rows(tiny):
-    """The torch.compile rows of one technique (each compile costs seconds even on the tiny model); `compiled_row`,
-    which the GPTQ rows add, goes through the same `static_decode_speed`."""
+    """The torch.compile rows, out of the full-bench fixture (each compile costs seconds even on the tiny model):
+    `bench_compiled`'s, and `compiled_row` on a packed int4 model, as the GPTQ rows add it."""
     model, tok = tiny
     settings = bench.make_settings(torch.device("cpu"), **TINY)
     assert settings.compile
@@ -130,6 +131,12 @@ def test_compiled_rows(tiny):
     assert "compile + first tokens" in compiled["notes"] and compiled["decode tok/s"] > 0
     assert lookup["variant"] == "prompt lookup on the copy task, k=8, compiled"
     assert "identical to greedy: True" in lookup["notes"]
+    packed = packed_int4_model(model, bench.INT4_HEAD_GROUP)
+    eager_row = bench.measure_model(packed, tok, settings, "weight quantization", "RTN int4, packed", "int4",
+                                    "the packed twin")
+    row = bench.compiled_row(packed, tok, settings, eager_row)
+    assert row["variant"] == "RTN int4, packed, compiled" and row["perplexity"] == eager_row["perplexity"]
+    assert "greedy tokens as our eager loop: True" in row["notes"]
 
 
 def test_packed_rows_hold_the_same_codes_in_fewer_bytes_per_token(rows, tiny):
