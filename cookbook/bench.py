@@ -40,6 +40,7 @@ from . import fast_decoding as fd
 from . import kernels as K
 from . import lora
 from . import moe
+from . import paged as pg
 from . import pruning as P
 from . import quantization as Q
 from . import recipe as R
@@ -703,6 +704,30 @@ def bench_serving(model, tokenizer, device, settings: BenchSettings) -> list[dic
             "serving", f"{kind} batching, batch {settings.max_batch}", fmt, model, None, res.throughput,
             notes=(f"aggregate tokens/s of {len(requests)} requests arriving at once (fitted pass cost); "
                    f"padding waste {res.stats.padding_waste:.0%}"), aggregate=True))
+    return rows + kv_memory_rows(model, overload, cost, settings, fmt)
+
+
+def kv_memory_rows(model, overload: list[sv.Request], cost: sv.PassCost, settings: BenchSettings, fmt: str) -> list[dict]:
+    """Continuous batching when KV memory, not batch slots, limits concurrency (`cookbook.paged`): one contiguous
+    reservation per request for the longest allowed answer vs a paged cache, in the same budget (a quarter of what
+    the whole overload would need at its final lengths)."""
+    need = sum(len(r.prompt_ids) + r.max_new_tokens for r in overload)
+    longest = max(len(r.prompt_ids) for r in overload) + settings.serving_output_range[1]
+    budget = max(need // 4, 16 * (math.ceil(longest / 16) + 1))  # the longest request fits, in whole blocks
+    memories = {"preallocated, longest answer": pg.KVMemory(budget, paged=False,
+                                                              reserve_new_tokens=settings.serving_output_range[1]),
+                "paged, block 16": pg.KVMemory(budget, block_size=16),
+                "paged, block 8": pg.KVMemory(budget, block_size=8)}
+    reference = sv.reference_outputs(model, overload)
+    rows = []
+    for name, memory in memories.items():
+        res = sv.simulate(model, overload, sv.Policy("continuous", len(overload), memory=memory), sv.VirtualClock(cost))
+        st = res.stats
+        rows.append(result_row(
+            "serving", f"continuous batching, KV {name}", fmt, model, None, res.throughput,
+            notes=(f"KV budget {budget} tokens ({budget * pg.token_bytes(model) / 2**20:.1f} MiB); reserved/used "
+                   f"{st.kv_overhead:.2f}; peak {st.peak_running} running; {st.preemptions} preemptions; "
+                   f"tokens as generate: {sv.check_outputs(res, reference) == []}"), aggregate=True))
     return rows
 
 

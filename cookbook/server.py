@@ -6,15 +6,17 @@
 
 POST /generate takes {"prompt": text} or {"prompt_ids": [...]}, "max_new_tokens" and "priority"
 ("high" or "low"); it answers the new token ids, their text and the request's timings. A request
-the engine cannot serve gets HTTP 400 with the reason (FastAPI answers 422 for wrong JSON types).
+the engine cannot serve gets HTTP 400 with the reason (FastAPI answers 422 for wrong JSON types); when the engine
+holds `max_in_flight` requests already, HTTP 503 with a Retry-After header (seconds) instead of an unbounded queue.
 """
 
+import math
 import socket
 import threading
 import time
 
 from .errors import require_module
-from .serving import PRIORITY_NAMES, LiveEngine
+from .serving import PRIORITY_NAMES, LiveEngine, Overloaded
 
 LOOPBACK = "127.0.0.1"
 
@@ -58,6 +60,8 @@ def create_app(live: LiveEngine, tokenizer):
             seq = await run_in_threadpool(live.submit, ids, req.max_new_tokens, PRIORITY_NAMES[req.priority])
         except ValueError as exc:
             raise fastapi.HTTPException(400, str(exc)) from None
+        except Overloaded as exc:
+            raise fastapi.HTTPException(503, str(exc), headers={"Retry-After": str(math.ceil(exc.retry_after_s))}) from None
         r = seq.request
         return {
             "token_ids": seq.output,

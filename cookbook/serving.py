@@ -130,7 +130,10 @@ def with_rate(requests: Sequence[Request], rate_per_s: float, base_rate_per_s: f
 
 
 class KVCache:
-    """Keys and values of one sequence for every layer: (layers, kv_heads, capacity, head_dim), grown on demand."""
+    """Keys and values of one sequence for every layer: (layers, kv_heads, capacity, head_dim), grown on demand.
+
+    `forward_tokens` needs only `length`, `reserve`, `write` and `read`: `cookbook.paged.PagedCache` offers the
+    same four over fixed-size blocks of a shared pool."""
 
     def __init__(self, n_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:
         self.keys = torch.zeros(n_layers, kv_heads, capacity, head_dim, dtype=dtype, device=device)
@@ -150,6 +153,15 @@ class KVCache:
             new_cap = max(total, 2 * cap)
             pad = (0, 0, 0, new_cap - cap)  # pad the token axis (dim 2) on the right
             self.keys, self.values = F.pad(self.keys, pad), F.pad(self.values, pad)
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one layer's keys and values (kv_heads, t, head_dim) at token positions [start, start + t)."""
+        self.keys[layer, :, start:start + k.shape[1]] = k
+        self.values[layer, :, start:start + v.shape[1]] = v
+
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's keys and values of tokens [0, end): two (kv_heads, end, head_dim) views."""
+        return self.keys[layer, :, :end], self.values[layer, :, :end]
 
     def nbytes(self) -> int:
         """Bytes of the cached tokens (what a paged cache would hold), not the spare capacity."""
@@ -185,7 +197,7 @@ def attention_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
     return bias[:, None]  # (b, 1, n, T)
 
 
-def _attention_block(attn, h: torch.Tensor, cos, sin, bias, caches: Sequence[KVCache], layer: int,
+def _attention_block(attn, h: torch.Tensor, cos, sin, bias, caches: Sequence, layer: int,
                      n_new: list[int], past: list[int], total_width: int, fused: bool) -> torch.Tensor:
     b, n, _ = h.shape
     hd, kvh = attn.head_dim, attn.k_proj.out_features // attn.head_dim
@@ -198,18 +210,18 @@ def _attention_block(attn, h: torch.Tensor, cos, sin, bias, caches: Sequence[KVC
     values = torch.zeros_like(keys)
     for i, cache in enumerate(caches):
         start, end = past[i], past[i] + n_new[i]
-        cache.keys[layer, :, start:end] = k[i, :, n - n_new[i]:]  # this step's real tokens only
-        cache.values[layer, :, start:end] = v[i, :, n - n_new[i]:]
-        keys[i, :, total_width - end:] = cache.keys[layer, :, :end]
-        values[i, :, total_width - end:] = cache.values[layer, :, :end]
+        cache.write(layer, start, k[i, :, n - n_new[i]:], v[i, :, n - n_new[i]:])  # this step's real tokens only
+        keys[i, :, total_width - end:], values[i, :, total_width - end:] = cache.read(layer, end)  # (KV, end, hd)
     out = dec.attention(q, keys, values, bias, attn.scaling, attn.config.attn_logit_softcapping, fused)  # (b, H, n, hd)
     return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))  # (b, n, d)
 
 
 @torch.no_grad()
-def forward_tokens(model, tokens: Sequence[Sequence[int]], caches: Sequence[KVCache],
+def forward_tokens(model, tokens: Sequence[Sequence[int]], caches: Sequence,
                    fused: bool = True) -> torch.Tensor:
     """Feed `tokens[i]` to sequence i (whose history is in `caches[i]`); return next-token logits (b, vocab).
+
+    A cache is a `KVCache` or anything with its `length`, `reserve`, `write` and `read` (`paged.PagedCache`).
 
     Sequences may bring different numbers of new tokens (a prompt, or one decode token) and have
     different history lengths: both are left-padded and masked. The caches are extended in place.
@@ -379,6 +391,12 @@ class SeqState:
         return len(self.output) >= self.request.max_new_tokens
 
 
+def cached_tokens(s: SeqState) -> int:
+    """Tokens whose keys and values are in the sequence's cache: the prompt and every output token but the newest
+    (which is fed at the next step); 0 before its prefill."""
+    return len(s.request.prompt_ids) + len(s.output) - 1 if s.output else 0
+
+
 def queue_key(r: Request, priority_delay_s: float) -> tuple[float, float, int]:
     """Scheduling order: a LOW request queues as if it had arrived `priority_delay_s` later.
 
@@ -401,6 +419,24 @@ class Stats:
     decode_slots: int = 0  # rows of every decode step
     decode_idle_slots: int = 0  # rows whose request had already finished (static/dynamic batching)
     preemptions: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache (paged)
+    recomputed_tokens: int = 0  # tokens prefilled again after a recompute preemption (paged)
+    kv_reserved_token_steps: int = 0  # KV token slots held, summed over engine steps (continuous engines)
+    kv_used_token_steps: int = 0  # tokens actually cached, summed over the same steps
+    peak_kv_reserved: int = 0
+    peak_running: int = 0
+
+    def record_memory(self, reserved: int, used: int, running: int) -> None:
+        """Account one engine step: `reserved` KV token slots held, `used` of them filled, `running` sequences."""
+        self.kv_reserved_token_steps += reserved
+        self.kv_used_token_steps += used
+        self.peak_kv_reserved = max(self.peak_kv_reserved, reserved)
+        self.peak_running = max(self.peak_running, running)
+
+    @property
+    def kv_overhead(self) -> float:
+        """KV slots reserved per token cached, averaged over steps (1.0 = nothing reserved in vain)."""
+        return self.kv_reserved_token_steps / max(self.kv_used_token_steps, 1)
 
     @property
     def padding_waste(self) -> float:
@@ -503,7 +539,11 @@ class ContinuousEngine:
         self.running: list[SeqState] = []
         self.stats = Stats()
 
+    def check(self, request: Request) -> None:
+        """Raise ValueError, saying what to change, if this engine can never serve `request` (memory-bound engines)."""
+
     def add(self, seq: SeqState) -> None:
+        self.check(seq.request)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -511,6 +551,10 @@ class ContinuousEngine:
 
     def _key(self, s: SeqState):
         return queue_key(s.request, self.delay)
+
+    def kv_reserved(self) -> int:
+        """KV token slots held by the running sequences: each cache is allocated for prompt + max_new_tokens."""
+        return sum(len(s.request.prompt_ids) + s.request.max_new_tokens for s in self.running)
 
     def _admit(self, clock: VirtualClock) -> list[SeqState]:
         self.waiting.sort(key=self._key)
@@ -546,6 +590,7 @@ class ContinuousEngine:
         to_decode = [s for s in self.running if not s.done and s not in new]
         if to_decode:
             _decode(self.model, to_decode, clock, self.stats)
+        self.stats.record_memory(self.kv_reserved(), sum(cached_tokens(s) for s in self.running), len(self.running))
         finished = [s for s in self.running if s.done]
         self.running = [s for s in self.running if not s.done]
         return finished
@@ -561,6 +606,8 @@ class Policy:
     kind: "static" (wait for `max_batch` requests, run the batch to completion), "dynamic" (launch
     when `max_batch` are waiting or the oldest has waited `window_s`, run to completion) or
     "continuous" (iteration-level). priority_delay_s: see `queue_key`. preempt: continuous only.
+    memory: a `cookbook.paged.KVMemory` (continuous only): admit requests by the KV memory they need, in a
+    preallocated or a paged cache, instead of by batch slots alone.
     """
 
     kind: str
@@ -569,6 +616,7 @@ class Policy:
     priority_delay_s: float = 0.0
     preempt: bool = False
     name: str = ""
+    memory: object | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("static", "dynamic", "continuous"):
@@ -579,6 +627,9 @@ class Policy:
             raise ValueError("window_s and priority_delay_s must be >= 0.")
         if self.preempt and self.kind != "continuous":
             raise ValueError("preempt=True needs kind='continuous': request-level batches run to completion.")
+        if self.memory is not None and (self.kind != "continuous" or self.preempt):
+            raise ValueError("memory= needs kind='continuous' without preempt=True: memory-bound engines preempt "
+                             "when blocks run out, not for priority.")
 
     @property
     def label(self) -> str:
@@ -655,7 +706,12 @@ def simulate(model, requests: Sequence[Request], policy: Policy, clock: VirtualC
 
 
 def _simulate_continuous(model, pending: list[Request], policy: Policy, clock: VirtualClock):
-    engine = ContinuousEngine(model, policy.max_batch, policy.priority_delay_s, policy.preempt)
+    if policy.memory is not None:
+        engine = policy.memory.engine(model, policy)
+    else:
+        engine = ContinuousEngine(model, policy.max_batch, policy.priority_delay_s, policy.preempt)
+    for r in pending:  # refuse what can never be served before serving anything
+        engine.check(r)
     done: list[SeqState] = []
     while pending or engine.has_work():
         _arrive(pending, clock.now, engine.waiting)
@@ -721,15 +777,32 @@ def summarize(result: RunResult, load_per_s: float | None = None) -> dict:
 # ---------------------------------------------------------------- live engine (for the HTTP front end)
 
 
+class Overloaded(RuntimeError):
+    """The server already holds as many requests as it accepts; `retry_after_s` says when to try again."""
+
+    def __init__(self, in_flight: int, retry_after_s: float) -> None:
+        super().__init__(f"The server is at capacity ({in_flight} requests in flight): retry in about "
+                         f"{retry_after_s:.0f} s.")
+        self.retry_after_s = retry_after_s
+
+
 class LiveEngine:
     """`ContinuousEngine` driven by a background thread on the wall clock; `submit` blocks until done.
 
     Thread-safe: HTTP handlers call `submit` from any thread; only the engine thread touches the model.
+    memory: a `cookbook.paged.KVMemory` to admit by KV memory (paged or preallocated). max_in_flight: requests
+    held at once (running + queued); one more is refused with `Overloaded` instead of queueing without bound.
     """
 
     def __init__(self, model, max_batch: int = 8, priority_delay_s: float = 0.0, preempt: bool = False,
-                 max_prompt_tokens: int = 256, max_new_limit: int = 64) -> None:
-        self.engine = ContinuousEngine(model, max_batch, priority_delay_s, preempt)
+                 max_prompt_tokens: int = 256, max_new_limit: int = 64, memory=None,
+                 max_in_flight: int | None = None) -> None:
+        policy = Policy("continuous", max_batch, priority_delay_s=priority_delay_s, preempt=preempt, memory=memory)
+        self.engine = (memory.engine(model, policy) if memory is not None
+                       else ContinuousEngine(model, max_batch, priority_delay_s, preempt))
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1 (or None for no bound), got {max_in_flight}.")
+        self.max_in_flight = max_in_flight
         self.clock = WallClock()
         self.vocab_size = model.config.vocab_size
         self.max_prompt_tokens, self.max_new_limit = max_prompt_tokens, max_new_limit
@@ -752,21 +825,30 @@ class LiveEngine:
 
     def submit(self, prompt_ids: Sequence[int], max_new_tokens: int, priority: int = LOW,
                timeout: float = 120.0) -> SeqState:
-        """Queue a request, wait for it, return its state (tokens and wall-clock timestamps)."""
+        """Queue a request, wait for it, return its state (tokens and wall-clock timestamps).
+
+        Raises ValueError for a request that can never be served and `Overloaded` when `max_in_flight` are held."""
         validate_request(prompt_ids, max_new_tokens, priority, self.vocab_size,
                          self.max_prompt_tokens, self.max_new_limit)
         if not self._thread.is_alive():
             raise RuntimeError("The engine is not running: call start() first (or it was stopped).")
         with self._lock:
+            if self.max_in_flight is not None and len(self._events) >= self.max_in_flight:
+                raise Overloaded(len(self._events), self._retry_after_s(len(self._events)))
             rid, self._next_id = self._next_id, self._next_id + 1
+            request = Request(rid, tuple(int(t) for t in prompt_ids), int(max_new_tokens), self.clock.now, priority)
+            self.engine.check(request)  # ValueError for what memory can never hold
             done = self._events[rid] = threading.Event()
-        seq = SeqState(Request(rid, tuple(int(t) for t in prompt_ids), int(max_new_tokens), self.clock.now, priority))
+        seq = SeqState(request)
         self._inbox.put(seq)
-        if not done.wait(timeout):
+        if not done.wait(timeout):  # it stays in flight: the engine finishes it and only then lets it go
             raise TimeoutError(f"Request {rid} did not finish within {timeout} s.")
-        with self._lock:
-            del self._events[rid]
         return seq
+
+    def _retry_after_s(self, in_flight: int) -> float:
+        """When a slot should free up: the requests ahead, at the rate completed so far (1 s if none yet)."""
+        rate = self.completed / max(self.clock.now, 1e-9)
+        return min(max(1.0, (in_flight - self.engine.max_batch + 1) / rate if rate > 0 else 1.0), 60.0)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -783,4 +865,4 @@ class LiveEngine:
                 for s in self.engine.step(self.clock):
                     self.completed += 1
                     with self._lock:
-                        self._events[s.request.rid].set()
+                        self._events.pop(s.request.rid).set()
