@@ -95,6 +95,10 @@ def _dequantized_twin(module: Q.QuantLinear) -> nn.Linear:
 def test_packed_real_model_gives_the_reference_greedy_tokens(real_model, bits, group):
     # a random tiny model has near-tied logits; the real one is where "same greedy text" means something.
     # The whole fast form: packed linears AND the packed int8 head, against dequantize-then-matmul.
+    # The kernels take bf16 activations, so logits differ at bf16 precision and the CPU's kernel decides the
+    # rounding: greedy text is the same up to near ties (seen: identical on an AMD EPYC, one tie flipped on an
+    # Intel Xeon with AMX at token 10). Teacher-forced along the reference text, every step must pick the
+    # reference token, or a token the reference itself scores within that precision of it.
     model, tok = real_model
     ids = tok("The capital of France is", return_tensors="pt").input_ids  # (1, t)
     originals = Q.quantize_linears_rtn(model, bits, group, symmetric=False)
@@ -103,17 +107,20 @@ def test_packed_real_model_gives_the_reference_greedy_tokens(real_model, bits, g
     try:
         with torch.no_grad():
             Q.swap_modules(model, {n: _dequantized_twin(m) for n, m in quantized.items()})
-            ref_logits = model(input_ids=ids).logits[0, -1]  # (V,)
-            ref = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False)
+            ref = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False)  # (1, t + 16)
+            ref_logits = model(input_ids=ref).logits[0, ids.shape[1] - 1:-1]  # (16, V): the steps that chose ref
             Q.swap_modules(model, quantized)
             K.pack_model(model)
             assert isinstance(model.lm_head, K.PackedInt8Head)
-            fast_logits = model(input_ids=ids).logits[0, -1]  # (V,)
-            fast = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False)
+            fast_logits = model(input_ids=ref).logits[0, ids.shape[1] - 1:-1]  # (16, V)
     finally:
         Q.restore_modules(model, originals)
     assert _rel_err(fast_logits, ref_logits) < 2e-2
-    assert torch.equal(fast, ref), (tok.decode(fast[0]), tok.decode(ref[0]))
+    chosen, picked = ref[0, ids.shape[1]:], fast_logits.argmax(-1)  # (16,), (16,)
+    gap = ref_logits.gather(-1, chosen[:, None]) - ref_logits.gather(-1, picked[:, None])  # (16, 1) >= 0
+    near_tie = gap[:, 0] < 2e-2 * ref_logits.abs().amax(-1)  # within the kernels' bf16 error of the logit scale
+    assert (picked == chosen).float().mean() >= 0.75, (tok.decode(picked), tok.decode(chosen))
+    assert bool(((picked == chosen) | near_tie).all()), (gap[:, 0].tolist(), tok.decode(picked), tok.decode(chosen))
 
 
 def test_pack_model_lists_a_float_head_as_left_on_the_reference_path():
