@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,6 +49,7 @@ from . import serving as sv
 from . import speculative as sp
 from .data import TRAIN_TEXT, calibration_batch, copy_task, encode, load_text, with_bos
 from .evaluate import PerplexityProtocol, perplexity, relative_change
+from .loadtest import load_test
 from .measure import (count_parameters, cpu_has_native_bf16, decode_bytes_per_token, format_bytes,
                       measure_generation, memory_bandwidth, model_bytes, roofline_tokens_per_s)
 
@@ -685,7 +687,13 @@ def prompt_lookup_row(model, tokenizer, settings: BenchSettings, decoder: fd.Sta
 
 
 def bench_serving(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
-    """Static vs continuous batching of one synthetic workload under overload (notebook 11).
+    """Static vs continuous batching (`batching_rows`), then continuous batching limited by KV memory
+    (`kv_memory_rows`), on one synthetic workload under overload (notebook 11)."""
+    return batching_rows(model, tokenizer, settings, with_memory=True)
+
+
+def batching_rows(model, tokenizer, settings: BenchSettings, with_memory: bool = False) -> list[dict]:
+    """Static vs continuous batching of one synthetic workload under overload.
 
     Both policies are charged the same pass costs, fitted once from measured forward passes, so the
     throughput is aggregate generated tokens per second over all requests, not one stream's speed.
@@ -704,7 +712,40 @@ def bench_serving(model, tokenizer, device, settings: BenchSettings) -> list[dic
             "serving", f"{kind} batching, batch {settings.max_batch}", fmt, model, None, res.throughput,
             notes=(f"aggregate tokens/s of {len(requests)} requests arriving at once (fitted pass cost); "
                    f"padding waste {res.stats.padding_waste:.0%}"), aggregate=True))
-    return rows + kv_memory_rows(model, overload, cost, settings, fmt)
+    return rows + (kv_memory_rows(model, overload, cost, settings, fmt) if with_memory else [])
+
+
+def bench_load_test(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """The HTTP server under a wall-clock load test (`cookbook.loadtest`): open-loop arrivals from a client process
+    at 1x and 3x the capacity the fitted pass cost implies, for dynamic, continuous and continuous + paged + prefix
+    cache batching. The requests share a 47-token system prompt (three blocks of 16 with BOS)."""
+    pool = encode(tokenizer, load_text("shakespeare_train"), 4000)
+    requests = sv.synthetic_workload(pool, n_requests=settings.serving_requests, rate_per_s=1.0, seed=0,
+                                     prompt_range=(8, 64), output_range=settings.serving_output_range,
+                                     bos_id=tokenizer.bos_token_id)
+    requests = pg.with_shared_prefix(requests, pool[2000:2047].tolist(), tokenizer.bos_token_id)
+    reference = sv.reference_outputs(model, requests)
+    cost = sv.fit_pass_cost(model, requests[0].prompt_ids[:32], sorted({1, 2, settings.max_batch}))
+    step_s = cost(settings.max_batch, settings.max_batch)  # one decode step of a full batch
+    capacity = settings.max_batch / step_s / np.mean([r.max_new_tokens for r in requests])  # requests/s
+    budget = 16 * (math.ceil(max(len(r.prompt_ids) + r.max_new_tokens for r in requests) / 16) + 1) * settings.max_batch
+    policies = [sv.Policy("dynamic", settings.max_batch, window_s=8 * step_s, name="dynamic"),
+                sv.Policy("continuous", settings.max_batch, name="continuous"),
+                sv.Policy("continuous", settings.max_batch, memory=pg.KVMemory(budget, prefix_cache=True),
+                          name="continuous + paged + prefix cache")]
+    fmt, rows = dtype_name(model), []
+    for policy in policies:
+        for load in (1.0, 3.0):
+            arrivals = sv.with_rate(requests, load * capacity, 1.0)
+            r = load_test(model, tokenizer, policy, arrivals, reference, deadline_s=600)
+            rows.append(result_row(
+                "serving", f"HTTP load test, {policy.label}, {load:g}x capacity", fmt, model, None, r["tok/s"],
+                notes=(f"wall clock, {r['sent']} requests at {load * capacity:.2f}/s from a client process: "
+                       f"TTFT p50/p99 {r['TTFT p50 s']:.2f}/{r['TTFT p99 s']:.2f} s, TPOT p50/p99 "
+                       f"{r['TPOT p50 ms']:.0f}/{r['TPOT p99 ms']:.0f} ms, latency p50/p99 {r['latency p50 s']:.2f}/"
+                       f"{r['latency p99 s']:.2f} s; {r['ok']} ok, {r['503']} refused, {r['lost']} lost; "
+                       f"tokens as generate: {r['exact']}"), aggregate=True))
+    return rows
 
 
 def kv_memory_rows(model, overload: list[sv.Request], cost: sv.PassCost, settings: BenchSettings, fmt: str) -> list[dict]:
@@ -861,9 +902,9 @@ def bench_recipe(model, tokenizer, device, settings: BenchSettings) -> list[dict
 
 
 def recipe_serving_rows(model, tokenizer, device, settings: BenchSettings, fmt: str) -> list[dict]:
-    """`bench_serving` (static vs continuous batching) on the recipe's model, labelled as its last stage."""
+    """`batching_rows` (static vs continuous batching) on the recipe's model, labelled as its last stage."""
     return [r | {"technique": "recipe", "variant": f"recipe 5: {r['variant']}", "format": fmt}
-            for r in bench_serving(model, tokenizer, device, settings)]
+            for r in batching_rows(model, tokenizer, settings)]
 
 
 TECHNIQUES: dict[str, Callable[..., list[dict]]] = {
@@ -883,6 +924,7 @@ TECHNIQUES: dict[str, Callable[..., list[dict]]] = {
     "speculative": bench_speculative,
     "compiled": bench_compiled,
     "serving": bench_serving,
+    "load_test": bench_load_test,
     "lora": bench_lora,
     "recipe": bench_recipe,
     "llamacpp": bench_llamacpp,

@@ -1,6 +1,6 @@
-"""A minimal HTTP front end for `cookbook.serving.LiveEngine`: FastAPI + uvicorn on loopback only.
+"""A minimal HTTP front end for `cookbook.live.LiveEngine`: FastAPI + uvicorn on loopback only.
 
-    live = LiveEngine(model, max_batch=8).start()
+    live = LiveEngine(model, Policy("continuous", 8)).start()
     with BackgroundServer(create_app(live, tokenizer)) as server:   # 127.0.0.1, a free port
         httpx.post(server.url + "/generate", json={"prompt": "To be", "max_new_tokens": 8})
 
@@ -16,7 +16,8 @@ import threading
 import time
 
 from .errors import require_module
-from .serving import PRIORITY_NAMES, LiveEngine, Overloaded
+from .live import LiveEngine, Overloaded
+from .serving import PRIORITY_NAMES
 
 LOOPBACK = "127.0.0.1"
 

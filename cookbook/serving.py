@@ -12,7 +12,7 @@ Everything here is built from scratch on a Hugging Face Gemma 3 model's weights:
   cost model fitted once from measured passes (`fit_pass_cost`) so that every policy is charged the
   same costs; idle gaps between arrivals are skipped instead of slept.
 - `ContinuousEngine` is the iteration-level scheduler (admit and retire sequences every step, with
-  optional priority preemption); `LiveEngine` runs it in a background thread for an HTTP front end.
+  optional priority preemption); `cookbook.live.LiveEngine` runs it in a background thread for an HTTP front end.
 
 Generation is greedy and ignores EOS: each request gets exactly `max_new_tokens` tokens, so the
 workload's output lengths are the ones drawn, and every output can be compared token for token with
@@ -22,8 +22,6 @@ workload's output lengths are the ones drawn, and every output can be compared t
 from __future__ import annotations
 
 import math
-import queue
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -349,28 +347,6 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-class WallClock(VirtualClock):
-    """Real time since creation, for the live server."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._t0 = time.perf_counter()
-
-    @property  # type: ignore[override]
-    def now(self) -> float:
-        return time.perf_counter() - self._t0
-
-    @now.setter
-    def now(self, _: float) -> None:  # time moves by itself
-        pass
-
-    def run(self, fn, n_sequences, token_slots):
-        start = time.perf_counter()
-        result = fn()
-        self.busy_s += time.perf_counter() - start
-        return result
-
-
 # ---------------------------------------------------------------- per-request state and scheduling
 
 
@@ -549,6 +525,10 @@ class ContinuousEngine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def wait_s(self, now: float) -> float:
+        """Seconds until a `step` can do something without a new arrival: 0 with work, inf without."""
+        return 0.0 if self.has_work() else math.inf
+
     def _key(self, s: SeqState):
         return queue_key(s.request, self.delay)
 
@@ -705,11 +685,17 @@ def simulate(model, requests: Sequence[Request], policy: Policy, clock: VirtualC
     return RunResult(policy, seqs, stats, max(s.finished_s for s in seqs) - start, clock.busy_s)
 
 
-def _simulate_continuous(model, pending: list[Request], policy: Policy, clock: VirtualClock):
+def continuous_engine(model, policy: Policy) -> ContinuousEngine:
+    """The iteration-level engine `policy` asks for: by batch slots, or by KV memory (`policy.memory`)."""
+    if policy.kind != "continuous":
+        raise ValueError(f"continuous_engine needs kind='continuous', got {policy.kind!r}.")
     if policy.memory is not None:
-        engine = policy.memory.engine(model, policy)
-    else:
-        engine = ContinuousEngine(model, policy.max_batch, policy.priority_delay_s, policy.preempt)
+        return policy.memory.engine(model, policy)
+    return ContinuousEngine(model, policy.max_batch, policy.priority_delay_s, policy.preempt)
+
+
+def _simulate_continuous(model, pending: list[Request], policy: Policy, clock: VirtualClock):
+    engine = continuous_engine(model, policy)
     for r in pending:  # refuse what can never be served before serving anything
         engine.check(r)
     done: list[SeqState] = []
@@ -772,97 +758,3 @@ def summarize(result: RunResult, load_per_s: float | None = None) -> dict:
         "pad waste %": 100 * result.stats.padding_waste,
     }
     return row
-
-
-# ---------------------------------------------------------------- live engine (for the HTTP front end)
-
-
-class Overloaded(RuntimeError):
-    """The server already holds as many requests as it accepts; `retry_after_s` says when to try again."""
-
-    def __init__(self, in_flight: int, retry_after_s: float) -> None:
-        super().__init__(f"The server is at capacity ({in_flight} requests in flight): retry in about "
-                         f"{retry_after_s:.0f} s.")
-        self.retry_after_s = retry_after_s
-
-
-class LiveEngine:
-    """`ContinuousEngine` driven by a background thread on the wall clock; `submit` blocks until done.
-
-    Thread-safe: HTTP handlers call `submit` from any thread; only the engine thread touches the model.
-    memory: a `cookbook.paged.KVMemory` to admit by KV memory (paged or preallocated). max_in_flight: requests
-    held at once (running + queued); one more is refused with `Overloaded` instead of queueing without bound.
-    """
-
-    def __init__(self, model, max_batch: int = 8, priority_delay_s: float = 0.0, preempt: bool = False,
-                 max_prompt_tokens: int = 256, max_new_limit: int = 64, memory=None,
-                 max_in_flight: int | None = None) -> None:
-        policy = Policy("continuous", max_batch, priority_delay_s=priority_delay_s, preempt=preempt, memory=memory)
-        self.engine = (memory.engine(model, policy) if memory is not None
-                       else ContinuousEngine(model, max_batch, priority_delay_s, preempt))
-        if max_in_flight is not None and max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1 (or None for no bound), got {max_in_flight}.")
-        self.max_in_flight = max_in_flight
-        self.clock = WallClock()
-        self.vocab_size = model.config.vocab_size
-        self.max_prompt_tokens, self.max_new_limit = max_prompt_tokens, max_new_limit
-        self._inbox: queue.Queue = queue.Queue()
-        self._events: dict[int, threading.Event] = {}
-        self._lock = threading.Lock()
-        self._next_id = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="cookbook-engine")
-        self.completed = 0
-
-    def start(self) -> LiveEngine:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._inbox.put(None)
-        self._thread.join(timeout)
-
-    def submit(self, prompt_ids: Sequence[int], max_new_tokens: int, priority: int = LOW,
-               timeout: float = 120.0) -> SeqState:
-        """Queue a request, wait for it, return its state (tokens and wall-clock timestamps).
-
-        Raises ValueError for a request that can never be served and `Overloaded` when `max_in_flight` are held."""
-        validate_request(prompt_ids, max_new_tokens, priority, self.vocab_size,
-                         self.max_prompt_tokens, self.max_new_limit)
-        if not self._thread.is_alive():
-            raise RuntimeError("The engine is not running: call start() first (or it was stopped).")
-        with self._lock:
-            if self.max_in_flight is not None and len(self._events) >= self.max_in_flight:
-                raise Overloaded(len(self._events), self._retry_after_s(len(self._events)))
-            rid, self._next_id = self._next_id, self._next_id + 1
-            request = Request(rid, tuple(int(t) for t in prompt_ids), int(max_new_tokens), self.clock.now, priority)
-            self.engine.check(request)  # ValueError for what memory can never hold
-            done = self._events[rid] = threading.Event()
-        seq = SeqState(request)
-        self._inbox.put(seq)
-        if not done.wait(timeout):  # it stays in flight: the engine finishes it and only then lets it go
-            raise TimeoutError(f"Request {rid} did not finish within {timeout} s.")
-        return seq
-
-    def _retry_after_s(self, in_flight: int) -> float:
-        """When a slot should free up: the requests ahead, at the rate completed so far (1 s if none yet)."""
-        rate = self.completed / max(self.clock.now, 1e-9)
-        return min(max(1.0, (in_flight - self.engine.max_batch + 1) / rate if rate > 0 else 1.0), 60.0)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            block = not self.engine.has_work()
-            try:
-                while True:  # drain the inbox; block only when idle
-                    item = self._inbox.get(block=block, timeout=0.5 if block else None)
-                    block = False
-                    if item is not None:
-                        self.engine.add(item)
-            except queue.Empty:
-                pass
-            if self.engine.has_work():
-                for s in self.engine.step(self.clock):
-                    self.completed += 1
-                    with self._lock:
-                        self._events.pop(s.request.rid).set()

@@ -16,3 +16,15 @@ def real_model():
 @pytest.fixture(scope="session")
 def tokenizer(real_model):
     return real_model[1]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine the idle thread spins.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

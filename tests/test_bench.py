@@ -30,6 +30,9 @@ class ByteTokenizer:
     def get_vocab(self):
         return {f"<{i}>": i for i in range(259)}
 
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", errors="replace")
+
 
 TINY = dict(protocol=PerplexityProtocol(seq_len=32, stride=32, max_tokens=64), prompt_tokens=8, new_tokens=6,
             loop_new_tokens=4, warmup=0, repeats=1, calib_samples=2, calib_seq_len=32, group_size=32,

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from cookbook import paged as pg
 from cookbook import serving as sv
+from cookbook.live import LiveEngine, Overloaded
 from cookbook.models import tiny_model
 
 
@@ -17,12 +18,7 @@ def cost(b: int, slots: int) -> float:
     return 0.01 + 0.001 * slots
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -205,15 +201,15 @@ def test_live_engine_on_a_paged_cache_is_exact_and_refuses_overload(model, pool_
     system = pool_ids[300:316].tolist()
     reqs = [sv.Request(i, (2, *system, *pool_ids[i * 7: i * 7 + 3 + i].tolist()), 3 + i) for i in range(5)]
     ref = sv.reference_outputs(model, reqs)
-    live = sv.LiveEngine(model, max_batch=3, memory=pg.KVMemory(64, block_size=4, prefix_cache=True),
-                         max_in_flight=5).start()
+    memory = pg.KVMemory(64, block_size=4, prefix_cache=True)
+    live = LiveEngine(model, sv.Policy("continuous", 3, memory=memory), max_in_flight=5).start()
     try:
         with cf.ThreadPoolExecutor(5) as ex:
             states = list(ex.map(lambda r: live.submit(list(r.prompt_ids), r.max_new_tokens), reqs))
         with pytest.raises(ValueError, match="raise KVMemory.budget_tokens"):
             live.submit(pool_ids[:60].tolist(), 10)  # 70 tokens can never fit in 64
         live._events.update({-i: None for i in range(1, 6)})  # five requests in flight
-        with pytest.raises(sv.Overloaded, match=r"at capacity \(5 requests in flight\): retry in about"):
+        with pytest.raises(Overloaded, match=r"at capacity \(5 requests in flight\): retry in about"):
             live.submit([2, 3], 2)
         live._events.clear()
     finally:
@@ -228,7 +224,7 @@ def test_http_front_end_answers_503_with_retry_after_when_full(model):
     pytest.importorskip("uvicorn")
     from cookbook.server import BackgroundServer, create_app
 
-    live = sv.LiveEngine(model, max_batch=2, max_in_flight=1).start()
+    live = LiveEngine(model, sv.Policy("continuous", 2), max_in_flight=1).start()
     try:
         live._events[-1] = None  # one request in flight already
         with BackgroundServer(create_app(live, None)) as server:

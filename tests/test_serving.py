@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cookbook import serving as sv
+from cookbook.live import LiveEngine
 from cookbook.models import tiny_model
 
 
@@ -17,13 +18,7 @@ def cost(b: int, slots: int) -> float:
     return 0.01 + 0.001 * slots
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine the idle thread spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +259,7 @@ def test_live_engine_serves_concurrent_requests_exactly(model, pool):
 
     reqs = [sv.Request(i, tuple(pool[i * 7 : i * 7 + 5 + i].tolist()), 3 + i) for i in range(5)]
     ref = sv.reference_outputs(model, reqs)
-    live = sv.LiveEngine(model, max_batch=3).start()
+    live = LiveEngine(model, sv.Policy("continuous", 3)).start()
     try:
         with cf.ThreadPoolExecutor(5) as ex:
             states = list(ex.map(lambda r: live.submit(list(r.prompt_ids), r.max_new_tokens), reqs))
@@ -295,7 +290,7 @@ def test_http_front_end_on_loopback(model, pool):
 
     req = sv.Request(0, tuple(pool[:9].tolist()), 5)
     ref = sv.reference_outputs(model, [req])[0]
-    live = sv.LiveEngine(model, max_batch=2).start()
+    live = LiveEngine(model, sv.Policy("continuous", 2)).start()
     try:
         with BackgroundServer(create_app(live, _FakeTokenizer())) as server:
             assert server.url.startswith("http://127.0.0.1:")
