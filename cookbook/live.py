@@ -125,16 +125,18 @@ class LiveEngine:
     until done. Thread-safe: HTTP handlers call `submit` from any thread; only the engine thread touches the model.
 
     max_in_flight: requests held at once (running + queued); one more is refused with `Overloaded` instead of
-    queueing without bound.
+    queueing without bound. request_timeout_s: how long `submit` waits for an answer by default. If the engine
+    thread fails, every request in flight is released with a RuntimeError that says why, and so is every later one.
     """
 
     def __init__(self, model, policy: Policy | None = None, max_prompt_tokens: int = 256, max_new_limit: int = 64,
-                 max_in_flight: int | None = None) -> None:
+                 max_in_flight: int | None = None, request_timeout_s: float = 120.0) -> None:
         self.policy = policy or Policy("continuous", 8)
         self.engine = live_engine(model, self.policy)
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1 (or None for no bound), got {max_in_flight}.")
-        self.max_in_flight = max_in_flight
+        self.max_in_flight, self.request_timeout_s = max_in_flight, request_timeout_s
+        self.error: BaseException | None = None  # why the engine thread stopped, if it failed
         self.clock = WallClock()
         self.vocab_size = model.config.vocab_size
         self.max_prompt_tokens, self.max_new_limit = max_prompt_tokens, max_new_limit
@@ -151,19 +153,21 @@ class LiveEngine:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread; requests still in flight are released with a RuntimeError."""
         self._stop.set()
         self._inbox.put(None)
         self._thread.join(timeout)
+        self._release_all()
 
     def submit(self, prompt_ids: Sequence[int], max_new_tokens: int, priority: int = LOW,
-               timeout: float = 120.0) -> SeqState:
+               timeout: float | None = None) -> SeqState:
         """Queue a request, wait for it, return its state (tokens and wall-clock timestamps).
 
         Raises ValueError for a request that can never be served and `Overloaded` when `max_in_flight` are held."""
         validate_request(prompt_ids, max_new_tokens, priority, self.vocab_size,
                          self.max_prompt_tokens, self.max_new_limit)
         if not self._thread.is_alive():
-            raise RuntimeError("The engine is not running: call start() first (or it was stopped).")
+            raise RuntimeError(self._why_not_running())
         with self._lock:
             if self.max_in_flight is not None and len(self._events) >= self.max_in_flight:
                 raise Overloaded(len(self._events), self._retry_after_s(len(self._events)))
@@ -173,9 +177,28 @@ class LiveEngine:
             done = self._events[rid] = threading.Event()
         seq = SeqState(request)
         self._inbox.put(seq)
+        if not self._thread.is_alive():  # it died between the check above and now: nobody will answer
+            self._release_all()
+        timeout = self.request_timeout_s if timeout is None else timeout
         if not done.wait(timeout):  # it stays in flight: the engine finishes it and only then lets it go
             raise TimeoutError(f"Request {rid} did not finish within {timeout} s.")
+        if seq.finished_s is None:  # released without an answer: the engine failed or was stopped
+            raise RuntimeError(self._why_not_running())
         return seq
+
+    def _why_not_running(self) -> str:
+        if self.error is not None:
+            return f"The engine thread failed ({type(self.error).__name__}: {self.error}); start a new LiveEngine."
+        if self._stop.is_set():
+            return "The engine was stopped; start a new LiveEngine."
+        return "The engine is not running: call start() first."
+
+    def _release_all(self) -> None:
+        """Wake every request in flight (they find no answer and raise)."""
+        with self._lock:
+            for event in self._events.values():
+                event.set()
+            self._events.clear()
 
     def _retry_after_s(self, in_flight: int) -> float:
         """When a slot should free up: the requests ahead, at the rate completed so far (1 s if none yet)."""
@@ -183,6 +206,13 @@ class LiveEngine:
         return min(max(1.0, (in_flight - self.engine.max_batch + 1) / rate if rate > 0 else 1.0), 60.0)
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # noqa: BLE001 - whatever killed the engine is reported to every caller
+            self.error = exc
+            self._release_all()
+
+    def _run(self) -> None:
         while not self._stop.is_set():
             wait = min(self.engine.wait_s(self.clock.now), 0.5)  # wake at least twice a second to see stop()
             try:  # take what arrived; sleep on the inbox only while the engine has nothing to do yet
@@ -197,4 +227,6 @@ class LiveEngine:
                 for s in self.engine.step(self.clock):
                     self.completed += 1
                     with self._lock:
-                        self._events.pop(s.request.rid).set()
+                        event = self._events.pop(s.request.rid, None)  # None: released by stop()
+                    if event is not None:
+                        event.set()

@@ -2,8 +2,9 @@
 httpx and the standard library (not the cookbook package, so it starts in a fraction of a second).
 
 stdin: JSON {"url", "bodies": [request JSON], "at_s": [send times, s after start], "deadline_s"}.
-stdout: JSON list, one answer per body, in order: {"status", "json", "retry_after", "sent_s", "done_s"}, or
-{"status": null, "error"} for a request that got no answer (a connection error, or the deadline passed).
+stdout: JSON list, one answer per body, in order: {"status", "json", "retry_after", "sent_s", "done_s"} ("json" is
+{"detail": text} when the reply was not JSON), or {"status": null, "error"} for a request that got no answer (a
+connection error, or the deadline passed).
 Open loop: each request is sent at its time whether or not earlier ones were answered.
 """
 
@@ -25,7 +26,11 @@ async def send_all(url: str, bodies: list, at_s: list, deadline_s: float) -> lis
             resp = await client.post(url + "/generate", json=bodies[i], timeout=deadline_s)
         except httpx.HTTPError as exc:
             return {"status": None, "error": f"{type(exc).__name__}: {exc}", "sent_s": sent}
-        return {"status": resp.status_code, "json": resp.json(), "retry_after": resp.headers.get("Retry-After"),
+        try:
+            body = resp.json()
+        except ValueError:  # e.g. a plain-text 500 page: keep what it said
+            body = {"detail": resp.text[:500]}
+        return {"status": resp.status_code, "json": body, "retry_after": resp.headers.get("Retry-After"),
                 "sent_s": sent, "done_s": time.perf_counter() - t0}
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)

@@ -7,7 +7,8 @@ Each request is one POST /generate from the client process (`loadclient.py`, its
 client's event loop never competes with the engine thread for the GIL). The server's answer carries the request's timestamps on the
 engine's clock: time to first token (TTFT) = first token - arrival at the engine, time per output token (TPOT) =
 (last token - first token) / (tokens - 1). End-to-end latency is the client's (send to answer, HTTP included).
-A request counts as lost if no answer (200, or 503 with Retry-After) came back before the deadline.
+A request counts as lost if no answer at all came back before the deadline; an answer other than 200 or 503 counts
+under "errors". One warm-up request runs first (not counted): it also leaves its prompt's blocks in a prefix cache.
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ def run_client(url: str, requests: Sequence[Request], deadline_s: float = 120.0)
 
 
 def summarize_load(answers: list[dict], requests: Sequence[Request], reference: dict[int, list[int]]) -> dict:
-    """One results row: what came back (ok, refused, lost), whether every answer equals `reference`, throughput,
+    """One results row: what came back (ok, refused, errors, lost), whether every answer equals `reference` (False
+    when none came back), throughput,
     and TTFT / TPOT / end-to-end latency percentiles (p50, p99) over the answered requests."""
+    if len(answers) != len(requests):
+        raise ValueError(f"{len(answers)} answers for {len(requests)} requests: give one answer per request, in order.")
     ok = [(r, a) for r, a in zip(requests, answers) if a["status"] == 200]
     refused = [a for a in answers if a["status"] == 503]
     tokens = sum(len(a["json"]["token_ids"]) for _, a in ok)
@@ -64,8 +68,9 @@ def summarize_load(answers: list[dict], requests: Sequence[Request], reference: 
     return {
         "sent": len(answers), "ok": len(ok), "503": len(refused),
         "503 with Retry-After": sum(a["retry_after"] is not None for a in refused),
-        "lost": sum(a["status"] not in (200, 503) for a in answers),
-        "exact": all(a["json"]["token_ids"] == reference[r.rid] for r, a in ok),
+        "errors": sum(a["status"] not in (None, 200, 503) for a in answers),
+        "lost": sum(a["status"] is None for a in answers),
+        "exact": bool(ok) and all(a["json"]["token_ids"] == reference[r.rid] for r, a in ok),
         "tok/s": tokens / span if ok else 0.0,
         "TTFT p50 s": pct(ttft, 50), "TTFT p99 s": pct(ttft, 99),
         "TPOT p50 ms": 1000 * pct(tpot, 50), "TPOT p99 ms": 1000 * pct(tpot, 99),
@@ -79,10 +84,12 @@ def load_test(model, tokenizer, policy: Policy, requests: Sequence[Request], ref
     summarize (`summarize_load`). One warm-up request first, so the first timed passes are not the process's first."""
     from .server import BackgroundServer, create_app
 
+    if not requests:
+        raise ValueError("load_test needs at least one request.")
     max_prompt = max(len(r.prompt_ids) for r in requests)
     max_new = max(r.max_new_tokens for r in requests)
     live = LiveEngine(model, policy, max_prompt_tokens=max(256, max_prompt), max_new_limit=max(64, max_new),
-                      max_in_flight=max_in_flight).start()
+                      max_in_flight=max_in_flight, request_timeout_s=deadline_s).start()
     try:
         live.submit(list(requests[0].prompt_ids), 2)  # warm-up, not counted
         with BackgroundServer(create_app(live, tokenizer)) as server:

@@ -12,8 +12,9 @@ the next one (fragmentation). PagedAttention (vLLM) cuts the cache into blocks o
 - `PrefixCache` remembers the full blocks of earlier prompts by their token prefix: a request that starts with the
   same tokens (a shared system prompt) points its table at those blocks (one more reference each) and prefills only
   the rest. A block shared by several sequences is copied before one of them writes into it (copy-on-write);
-- `PagedEngine` admits a waiting request when its blocks fit, grows running sequences block by block, and when the
-  pool runs dry preempts the last sequence in queue order by *recompute*: its blocks are freed and, readmitted, it
+- `PagedEngine` admits a waiting request when its blocks fit beside the blocks the running sequences take at this
+  step, grows running sequences block by block, and when the pool runs dry preempts the last sequence in queue order
+  by *recompute*: its blocks are freed and, readmitted, it
   prefills its prompt and the tokens it already produced again (nothing is swapped). `PreallocatedEngine` is the
   baseline: admission by the contiguous reservation of each request.
 
@@ -183,24 +184,30 @@ class PrefixCache:
 
     def match(self, tokens: Sequence[int]) -> list[int]:
         """The cached blocks of the longest run of full blocks that starts `tokens`."""
-        bs, found = self.pool.block_size, []
+        bs, keys = self.pool.block_size, []
         for end in range(bs, len(tokens) + 1, bs):
             key = tuple(tokens[:end])
             if key not in self._blocks:
                 break
-            self._blocks.move_to_end(key)  # recently used
-            found.append(self._blocks[key])
-        return found
+            keys.append(key)
+        self._touch(keys)
+        return [self._blocks[k] for k in keys]
+
+    def _touch(self, keys: list[tuple[int, ...]]) -> None:
+        """Mark a chain of prefixes used, the shortest last: eviction then takes the tail of a prefix before its
+        head, so what is left of a prefix can still be matched."""
+        for key in reversed(keys):
+            self._blocks.move_to_end(key)
 
     def insert(self, tokens: Sequence[int], blocks: Sequence[int]) -> None:
         """Remember the full blocks of a sequence whose cached tokens are `tokens`, held in `blocks`."""
-        bs = self.pool.block_size
+        bs, keys = self.pool.block_size, []
         for i in range(len(tokens) // bs):
-            key = tuple(tokens[: (i + 1) * bs])
-            if key not in self._blocks:
+            keys.append(tuple(tokens[: (i + 1) * bs]))
+            if keys[-1] not in self._blocks:
                 self.pool.share(blocks[i])
-                self._blocks[key] = blocks[i]
-            self._blocks.move_to_end(key)
+                self._blocks[keys[-1]] = blocks[i]
+        self._touch(keys)
 
     def evict(self, n: int) -> int:
         """Drop least recently used blocks that no sequence holds until `n` are freed; return how many were."""
@@ -237,6 +244,11 @@ class KVMemory:
     reserve_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        ints = {"budget_tokens": self.budget_tokens, "block_size": self.block_size,
+                "reserve_new_tokens": self.reserve_new_tokens or 1}
+        bad = {k: v for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, (int, np.integer))}
+        if bad:
+            raise ValueError(f"KVMemory needs whole numbers of tokens, got {bad}.")
         if self.block_size < 1 or self.budget_tokens < self.block_size:
             raise ValueError(f"KVMemory needs block_size >= 1 and budget_tokens >= block_size, got "
                              f"{self.block_size} and {self.budget_tokens}.")
@@ -317,7 +329,8 @@ class PagedEngine(sv.ContinuousEngine):
         self.prefix = PrefixCache(pool) if prefix_cache else None
 
     def kv_reserved(self) -> int:
-        """Token slots of the distinct blocks the running sequences hold (a shared block counts once)."""
+        """Token slots of the distinct blocks the running sequences hold (a shared block counts once; blocks only the
+        prefix cache holds are not counted: they are given back whenever the pool needs them)."""
         return len({b for s in self.running for b in s.cache.blocks}) * self.pool.block_size
 
     def check(self, r: sv.Request) -> None:
@@ -330,6 +343,7 @@ class PagedEngine(sv.ContinuousEngine):
 
     def step(self, clock: sv.VirtualClock) -> list[sv.SeqState]:
         new = self._admit(clock)
+        self.stats.peak_running = max(self.stats.peak_running, len(self.running))  # one-token answers retire below
         if new:
             self._prefill(new, clock)
         finished = self._retire()  # answers of one token end at their prefill: free their blocks now
@@ -367,7 +381,9 @@ class PagedEngine(sv.ContinuousEngine):
             self.pool.share(b)
         # at least the last token is computed, for its logits: if the prefix covers everything, its block is copied
         cache = PagedCache(self.pool, hit, min(len(hit) * self.pool.block_size, len(tokens) - 1))
-        need = cache.blocks_needed(len(tokens))
+        # set aside the blocks the running sequences take at this step's decode: admitting into them would only
+        # preempt the newcomer (last in queue order) right after its prefill
+        need = cache.blocks_needed(len(tokens)) + sum(s.cache.blocks_needed(s.cache.length + 1) for s in self.running)
         if need > self.pool.n_free and self.prefix is not None:
             self.prefix.evict(need - self.pool.n_free)
         if need > self.pool.n_free:

@@ -7,7 +7,8 @@
 POST /generate takes {"prompt": text} or {"prompt_ids": [...]}, "max_new_tokens" and "priority"
 ("high" or "low"); it answers the new token ids, their text and the request's timings. A request
 the engine cannot serve gets HTTP 400 with the reason (FastAPI answers 422 for wrong JSON types); when the engine
-holds `max_in_flight` requests already, HTTP 503 with a Retry-After header (seconds) instead of an unbounded queue.
+holds `max_in_flight` requests already, HTTP 503 with a Retry-After header (seconds) instead of an unbounded queue;
+504 when a request outlives the engine's `request_timeout_s`, 503 when the engine has stopped or failed.
 """
 
 import math
@@ -63,6 +64,10 @@ def create_app(live: LiveEngine, tokenizer):
             raise fastapi.HTTPException(400, str(exc)) from None
         except Overloaded as exc:
             raise fastapi.HTTPException(503, str(exc), headers={"Retry-After": str(math.ceil(exc.retry_after_s))}) from None
+        except TimeoutError as exc:
+            raise fastapi.HTTPException(504, str(exc)) from None
+        except RuntimeError as exc:  # the engine stopped or failed: nothing this request can fix
+            raise fastapi.HTTPException(503, str(exc)) from None
         r = seq.request
         return {
             "token_ids": seq.output,

@@ -395,7 +395,7 @@ class Stats:
     decode_slots: int = 0  # rows of every decode step
     decode_idle_slots: int = 0  # rows whose request had already finished (static/dynamic batching)
     preemptions: int = 0
-    prefix_hit_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache (paged)
+    prefix_hit_tokens: int = 0  # tokens whose keys and values came from the prefix cache at admission (paged)
     recomputed_tokens: int = 0  # tokens prefilled again after a recompute preemption (paged)
     kv_reserved_token_steps: int = 0  # KV token slots held, summed over engine steps (continuous engines)
     kv_used_token_steps: int = 0  # tokens actually cached, summed over the same steps
@@ -411,7 +411,8 @@ class Stats:
 
     @property
     def kv_overhead(self) -> float:
-        """KV slots reserved per token cached, averaged over steps (1.0 = nothing reserved in vain)."""
+        """KV slots reserved per token cached, averaged over steps: 1.0 = nothing reserved in vain; below 1 when
+        sequences share blocks (a paged cache with prefix sharing holds a shared prefix once)."""
         return self.kv_reserved_token_steps / max(self.kv_used_token_steps, 1)
 
     @property
@@ -426,8 +427,9 @@ class Replay:
 
     The scheduler and the clock's cost model run as usual; no forward pass does, and each pass hands every
     sequence its next known token. What a policy schedules depends on prompt lengths, `max_new_tokens` and
-    arrival times, never on token values, so a replayed run's times and counters equal those of the real run
-    under the same cost model (tests/test_serving.py checks it). Use it to sweep loads once real runs of each
+    arrival times, not on the generated tokens (a prefix cache also matches prompt tokens and produced ones, which
+    a replay of the run's own outputs reproduces), so a replayed run's times and counters equal those of the real
+    run under the same cost model (tests/test_serving.py and tests/test_paged.py check it). Use it to sweep loads once real runs of each
     policy have matched `reference_outputs` (`check_outputs`): their tokens are then the ones to replay.
     """
 
@@ -607,6 +609,8 @@ class Policy:
             raise ValueError("window_s and priority_delay_s must be >= 0.")
         if self.preempt and self.kind != "continuous":
             raise ValueError("preempt=True needs kind='continuous': request-level batches run to completion.")
+        if self.memory is not None and not callable(getattr(self.memory, "engine", None)):
+            raise ValueError(f"memory must be a cookbook.paged.KVMemory, got {type(self.memory).__name__}.")
         if self.memory is not None and (self.kind != "continuous" or self.preempt):
             raise ValueError("memory= needs kind='continuous' without preempt=True: memory-bound engines preempt "
                              "when blocks run out, not for priority.")

@@ -87,3 +87,14 @@ def test_summary_counts_lost_requests(workload, reference):
                {"status": None, "error": "no answer within 60 s"}]
     row = summarize_load(answers, workload[:2], reference)
     assert (row["ok"], row["lost"], row["exact"]) == (1, 1, True)
+
+
+def test_summary_tells_errors_from_lost_and_nothing_from_exact(workload, reference):
+    answers = [{"status": 500, "json": {"detail": "Internal Server Error"}, "retry_after": None, "sent_s": 0.0,
+                "done_s": 0.1}, {"status": None, "error": "no answer within 60 s"}]
+    row = summarize_load(answers, workload[:2], reference)
+    assert (row["ok"], row["errors"], row["lost"], row["exact"]) == (0, 1, 1, False)
+    with pytest.raises(ValueError, match="one answer per request"):
+        summarize_load(answers[:1], workload[:2], reference)
+    with pytest.raises(ValueError, match="at least one request"):
+        load_test(None, None, sv.Policy("continuous", 2), [], reference)

@@ -234,3 +234,54 @@ def test_http_front_end_answers_503_with_retry_after_when_full(model):
         live.stop()
     assert full.status_code == 503 and "retry in about" in full.json()["detail"]
     assert int(full.headers["Retry-After"]) >= 1
+
+
+# ---------------------------------------------------------------- review findings
+
+
+def test_admission_leaves_the_running_sequences_their_next_block():
+    # A fills 4 blocks of 4 with its 16-token prompt and needs a fifth at its first decode; B's 5 tokens need 2
+    # blocks. The pool has 6: admitting B would leave A no block, and A would preempt B right after its prefill.
+    a, b = sv.Request(0, tuple(range(3, 19)), 4), sv.Request(1, (2, 7, 8, 9, 10), 2)
+    engine = pg.PagedEngine(sv.Replay({0: [5] * 4, 1: [6] * 2}), pg.BlockPool(6, 4))
+    clock = sv.VirtualClock(cost)
+    engine.add(sv.SeqState(a))
+    engine.step(clock)  # A prefilled: 16 tokens cached, its next token needs block 5
+    engine.add(sv.SeqState(b))
+    engine.step(clock)
+    assert [s.request.rid for s in engine.waiting] == [1] and engine.stats.preemptions == 0
+
+
+def test_eviction_takes_the_tail_of_a_prefix_before_its_head():
+    pool = pg.BlockPool(8, 2)
+    cache, tokens = pg.PrefixCache(pool), [5, 6, 7, 8, 9, 10]
+    blocks = [pool.allocate() for _ in range(3)]
+    cache.insert(tokens, blocks)
+    for b in blocks:
+        pool.release(b)  # the sequence finished: only the cache holds them
+    assert cache.evict(1) == 1
+    assert cache.match(tokens) == blocks[:2]  # what is left still matches
+
+
+def test_live_engine_reports_a_failed_engine_thread_at_once(model):
+    live = LiveEngine(model, sv.Policy("continuous", 2), request_timeout_s=60)
+
+    def broken(clock):
+        raise RuntimeError("boom")
+
+    live.engine.step = broken
+    live.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"engine thread failed \(RuntimeError: boom\)"):
+            live.submit([2, 5, 7], 2)
+        with pytest.raises(RuntimeError, match="engine thread failed"):
+            live.submit([2, 5, 7], 2)
+    finally:
+        live.stop()
+
+
+def test_bad_memory_objects_are_refused_with_what_to_pass():
+    with pytest.raises(ValueError, match="memory must be a cookbook.paged.KVMemory"):
+        sv.Policy("continuous", 4, memory=object())
+    with pytest.raises(ValueError, match="whole numbers of tokens"):
+        pg.KVMemory(4096.0)

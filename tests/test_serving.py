@@ -268,7 +268,7 @@ def test_live_engine_serves_concurrent_requests_exactly(model, pool):
     finally:
         live.stop()
     assert [s.output for s in states] == [ref[r.rid] for r in reqs]
-    with pytest.raises(RuntimeError, match="not running"):
+    with pytest.raises(RuntimeError, match="was stopped; start a new LiveEngine"):
         live.submit([2, 3], 2)
 
 
