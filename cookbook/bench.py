@@ -692,16 +692,21 @@ def bench_serving(model, tokenizer, device, settings: BenchSettings) -> list[dic
     return batching_rows(model, tokenizer, settings, with_memory=True)
 
 
+def serving_workload(tokenizer, settings: BenchSettings) -> tuple[torch.Tensor, list[sv.Request]]:
+    """The token pool (4,000 Shakespeare tokens) and the serving rows' synthetic workload, drawn at 1 request/s."""
+    pool = encode(tokenizer, load_text("shakespeare_train"), 4000)
+    return pool, sv.synthetic_workload(pool, n_requests=settings.serving_requests, rate_per_s=1.0, seed=0,
+                                       prompt_range=(8, 64), output_range=settings.serving_output_range,
+                                       bos_id=tokenizer.bos_token_id)
+
+
 def batching_rows(model, tokenizer, settings: BenchSettings, with_memory: bool = False) -> list[dict]:
     """Static vs continuous batching of one synthetic workload under overload.
 
     Both policies are charged the same pass costs, fitted once from measured forward passes, so the
     throughput is aggregate generated tokens per second over all requests, not one stream's speed.
     """
-    pool = encode(tokenizer, load_text("shakespeare_train"), 4000)
-    requests = sv.synthetic_workload(pool, n_requests=settings.serving_requests, rate_per_s=1.0, seed=0,
-                                     prompt_range=(8, 64), output_range=settings.serving_output_range,
-                                     bos_id=tokenizer.bos_token_id)
+    _, requests = serving_workload(tokenizer, settings)
     cost = sv.fit_pass_cost(model, requests[0].prompt_ids[:32], sorted({1, 2, settings.max_batch}))
     overload = sv.with_rate(requests, 1000.0, 1.0)  # every request waiting at t ~ 0: the throughput limit
     fmt = dtype_name(model)
@@ -719,10 +724,7 @@ def bench_load_test(model, tokenizer, device, settings: BenchSettings) -> list[d
     """The HTTP server under a wall-clock load test (`cookbook.loadtest`): open-loop arrivals from a client process
     at 1x and 3x the capacity the fitted pass cost implies, for dynamic, continuous and continuous + paged + prefix
     cache batching. The requests share a 47-token system prompt (three blocks of 16 with BOS)."""
-    pool = encode(tokenizer, load_text("shakespeare_train"), 4000)
-    requests = sv.synthetic_workload(pool, n_requests=settings.serving_requests, rate_per_s=1.0, seed=0,
-                                     prompt_range=(8, 64), output_range=settings.serving_output_range,
-                                     bos_id=tokenizer.bos_token_id)
+    pool, requests = serving_workload(tokenizer, settings)
     requests = pg.with_shared_prefix(requests, pool[2000:2047].tolist(), tokenizer.bos_token_id)
     reference = sv.reference_outputs(model, requests)
     cost = sv.fit_pass_cost(model, requests[0].prompt_ids[:32], sorted({1, 2, settings.max_batch}))
@@ -743,7 +745,8 @@ def bench_load_test(model, tokenizer, device, settings: BenchSettings) -> list[d
                 notes=(f"wall clock, {r['sent']} requests at {load * capacity:.2f}/s from a client process: "
                        f"TTFT p50/p99 {r['TTFT p50 s']:.2f}/{r['TTFT p99 s']:.2f} s, TPOT p50/p99 "
                        f"{r['TPOT p50 ms']:.0f}/{r['TPOT p99 ms']:.0f} ms, latency p50/p99 {r['latency p50 s']:.2f}/"
-                       f"{r['latency p99 s']:.2f} s; {r['ok']} ok, {r['503']} refused, {r['lost']} lost; "
+                       f"{r['latency p99 s']:.2f} s; {r['ok']} ok, {r['503']} refused, {r['errors']} errors, "
+                       f"{r['lost']} lost; "
                        f"tokens as generate: {r['exact']}"), aggregate=True))
     return rows
 
