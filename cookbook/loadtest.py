@@ -4,11 +4,12 @@ arrival times, open loop (nobody waits for an answer before sending the next), b
     row = load_test(model, tokenizer, Policy("continuous", 8), requests, reference)   # server + client + summary
 
 Each request is one POST /generate from the client process (`loadclient.py`, its own Python interpreter, so the
-client's event loop never competes with the engine thread for the GIL). The server's answer carries the request's timestamps on the
-engine's clock: time to first token (TTFT) = first token - arrival at the engine, time per output token (TPOT) =
-(last token - first token) / (tokens - 1). End-to-end latency is the client's (send to answer, HTTP included).
-A request counts as lost if no answer at all came back before the deadline; an answer other than 200 or 503 counts
-under "errors". One warm-up request runs first (not counted): it also leaves its prompt's blocks in a prefix cache.
+client's event loop never competes with the engine thread for the GIL). The server's answer carries the request's
+timestamps on the engine's clock: time to first token (TTFT) = first token - arrival at the engine, time per output
+token (TPOT) = (last token - first token) / (tokens - 1). End-to-end latency is the client's (send to answer, HTTP
+included). A request counts as lost if no answer at all came back before the deadline; an answer other than 200 or
+503 counts under "errors". One warm-up request runs first (not counted): it also leaves its prompt's blocks in a
+prefix cache.
 """
 
 from __future__ import annotations

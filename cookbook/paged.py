@@ -44,10 +44,12 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockPool:
-    """Keys and values of every layer as `n_blocks` blocks of `block_size` token slots, a free list and reference counts.
+    """Keys and values of every layer as `n_blocks` blocks of `block_size` token slots, a free list and reference
+    counts.
 
     keys, values: (layers, n_blocks * block_size, kv_heads, head_dim); token slot = block * block_size + offset.
-    Without `storage` (layers, kv_heads, head_dim) the pool only does the bookkeeping (a replayed run, `serving.Replay`).
+    Without `storage` (layers, kv_heads, head_dim) the pool only does the bookkeeping (a replayed run,
+    `serving.Replay`).
     """
 
     def __init__(self, n_blocks: int, block_size: int = 16, storage: tuple[int, int, int] | None = None,
@@ -156,7 +158,8 @@ class PagedCache:
         self.pool.values[layer].index_copy_(0, slots, v.transpose(0, 1))
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather one layer's keys and values of positions [0, end) through the block table: (kv_heads, end, head_dim)."""
+        """Gather one layer's keys and values of positions [0, end) through the block table:
+        (kv_heads, end, head_dim)."""
         slots = self.pool.slots(self.blocks, 0, end)  # (end,)
         return (self.pool.keys[layer].index_select(0, slots).transpose(0, 1),
                 self.pool.values[layer].index_select(0, slots).transpose(0, 1))
@@ -302,9 +305,7 @@ class PreallocatedEngine(sv.ContinuousEngine):
                and held + self.reservation(self.waiting[0]) <= self.budget):  # first come first served: no skipping
             admitted.append(self.waiting.pop(0))
             held += self.reservation(admitted[-1])
-        for s in admitted:
-            s.admitted_s = clock.now
-        self.running += admitted
+        self._enter(admitted, clock)
         return admitted
 
 
@@ -366,10 +367,7 @@ class PagedEngine(sv.ContinuousEngine):
             s = self.waiting.pop(0)
             s.cache = cache
             admitted.append(s)
-        for s in admitted:
-            if s.admitted_s is None:
-                s.admitted_s = clock.now
-        self.running += admitted
+        self._enter(admitted, clock)
         if self.waiting and not self.running:  # `check` makes this impossible; never spin on it
             raise _unservable(self.waiting[0], self.pool)
         return admitted
@@ -462,12 +460,14 @@ class PagedEngine(sv.ContinuousEngine):
 # ---------------------------------------------------------------- workloads and results
 
 
-def with_shared_prefix(requests: Sequence[sv.Request], prefix_ids: Sequence[int], bos_id: int | None = 2) -> list[sv.Request]:
+def with_shared_prefix(requests: Sequence[sv.Request], prefix_ids: Sequence[int],
+                       bos_id: int | None = 2) -> list[sv.Request]:
     """The same requests with `prefix_ids` (a system prompt) right after BOS: every prompt now starts alike."""
     out = []
     for r in requests:
         head = r.prompt_ids[:1] if bos_id is not None and r.prompt_ids[:1] == (bos_id,) else ()
-        out.append(dataclasses.replace(r, prompt_ids=head + tuple(int(t) for t in prefix_ids) + r.prompt_ids[len(head):]))
+        prompt = head + tuple(int(t) for t in prefix_ids) + r.prompt_ids[len(head):]
+        out.append(dataclasses.replace(r, prompt_ids=prompt))
     return out
 
 

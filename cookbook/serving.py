@@ -429,8 +429,9 @@ class Replay:
     sequence its next known token. What a policy schedules depends on prompt lengths, `max_new_tokens` and
     arrival times, not on the generated tokens (a prefix cache also matches prompt tokens and produced ones, which
     a replay of the run's own outputs reproduces), so a replayed run's times and counters equal those of the real
-    run under the same cost model (tests/test_serving.py and tests/test_paged.py check it). Use it to sweep loads once real runs of each
-    policy have matched `reference_outputs` (`check_outputs`): their tokens are then the ones to replay.
+    run under the same cost model (tests/test_serving.py and tests/test_paged.py check it). Use it to sweep loads
+    once real runs of each policy have matched `reference_outputs` (`check_outputs`): their tokens are then the
+    ones to replay.
     """
 
     def __init__(self, outputs: dict[int, list[int]]) -> None:
@@ -544,11 +545,15 @@ class ContinuousEngine:
             self._preempt_for_high()
         free = self.max_batch - len(self.running)
         admitted, self.waiting = self.waiting[:free], self.waiting[free:]
+        self._enter(admitted, clock)
+        return [s for s in admitted if s.cache is None]  # preempted ones resume without a prefill
+
+    def _enter(self, admitted: list[SeqState], clock: VirtualClock) -> None:
+        """Move admitted sequences into the running batch; the first admission is the one timed."""
         for s in admitted:
             if s.admitted_s is None:
                 s.admitted_s = clock.now
         self.running += admitted
-        return [s for s in admitted if s.cache is None]  # preempted ones resume without a prefill
 
     def _preempt_for_high(self) -> None:
         free = self.max_batch - len(self.running)
