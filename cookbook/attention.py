@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .core import attention_mask, decoder_layers, kv_cache_bytes_per_token, layer_windows
 from .errors import require_cuda
-from . import measure
 
 ATTENTION_NAME = "cookbook_pattern"
 KERNELS = ("sdpa", "naive", "tiled")
@@ -97,19 +97,12 @@ def _ungrouped(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- masks
 
 
-def _positions(t: int, s: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absolute query positions (t, 1) aligned to the end of s keys, and key positions (1, s)."""
-    q_pos = torch.arange(s - t, s, device=device)[:, None]  # (t, 1)
-    k_pos = torch.arange(s, device=device)[None, :]  # (1, s)
-    return q_pos, k_pos
-
-
 def causal_mask(t: int, s: int | None = None, device=None) -> torch.Tensor:
-    """(t, s) bool: query i (at position s - t + i) sees keys at positions <= its own."""
+    """(t, s) bool: query i (at position s - t + i) sees keys at positions <= its own. The rule itself is
+    the model core's (`core.attention_mask`), which every forward pass uses."""
     s = t if s is None else s
     _check_causal_lengths(t, s)
-    q_pos, k_pos = _positions(t, s, device)
-    return k_pos <= q_pos  # (t, s)
+    return attention_mask(torch.arange(s - t, s, device=device), torch.arange(s, device=device), None)  # (t, s)
 
 
 def sliding_window_mask(t: int, window: int, s: int | None = None, device=None) -> torch.Tensor:
@@ -117,8 +110,7 @@ def sliding_window_mask(t: int, window: int, s: int | None = None, device=None) 
     check_window(window)
     s = t if s is None else s
     _check_causal_lengths(t, s)
-    q_pos, k_pos = _positions(t, s, device)
-    return (k_pos <= q_pos) & (q_pos - k_pos < window)  # (t, s)
+    return attention_mask(torch.arange(s - t, s, device=device), torch.arange(s, device=device), window)  # (t, s)
 
 
 def block_sparse_layout(n_blocks: int, local_blocks: int = 1, global_blocks: int = 1) -> torch.Tensor:
@@ -404,26 +396,14 @@ def time_sdpa_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_cau
 # ---------------------------------------------------------------- KV cache
 
 
-def kv_cache_bytes_per_token(config, kv_heads: int | None = None, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of K and V one token adds across all layers, with `kv_heads` first (the attention variants vary it);
-    the formula and its checks live in `cookbook.measure.kv_cache_bytes_per_token`."""
-    return measure.kv_cache_bytes_per_token(config, dtype, kv_heads=kv_heads)
-
-
 def kv_cache_variants(config, dtype: torch.dtype = torch.float32) -> dict[str, int]:
     """Bytes per token for MHA, every GQA grouping and MQA that this config's head count allows."""
     heads = config.num_attention_heads
     out = {}
     for kv in sorted((d for d in range(1, heads + 1) if heads % d == 0), reverse=True):
         kind = "MHA" if kv == heads else "MQA" if kv == 1 else "GQA"
-        out[f"{kind} ({kv} KV head{'s' if kv > 1 else ''})"] = kv_cache_bytes_per_token(config, kv, dtype)
+        out[f"{kind} ({kv} KV head{'s' if kv > 1 else ''})"] = kv_cache_bytes_per_token(config, dtype, kv_heads=kv)
     return out
-
-
-def layer_windows(config) -> list[int | None]:
-    """Each layer's window from the config: `sliding_window` for sliding layers, None for global ones."""
-    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    return [config.sliding_window if kind == "sliding_attention" else None for kind in types]
 
 
 def kv_cache_bytes(config, context: int, kv_heads: int | None = None, dtype: torch.dtype = torch.float32,
@@ -431,7 +411,7 @@ def kv_cache_bytes(config, context: int, kv_heads: int | None = None, dtype: tor
     """KV-cache bytes at `context` tokens when a layer with window w keeps only its last w tokens
     (`windows` None = the config's own pattern; pass [None] * layers for all-global)."""
     windows = layer_windows(config) if windows is None else list(windows)
-    per_layer_token = kv_cache_bytes_per_token(config, kv_heads, dtype) // config.num_hidden_layers
+    per_layer_token = kv_cache_bytes_per_token(config, dtype, kv_heads) // config.num_hidden_layers
     return sum(per_layer_token * (context if w is None else min(w, context)) for w in windows)
 
 
@@ -478,8 +458,7 @@ def pattern_attention_forward(module, query: torch.Tensor, key: torch.Tensor, va
 
 def attention_modules(model) -> list[torch.nn.Module]:
     """The self-attention module of each decoder layer, in order."""
-    layers = model.model.layers if hasattr(model, "model") else model.layers
-    return [layer.self_attn for layer in layers]
+    return [layer.self_attn for layer in decoder_layers(model)]
 
 
 def _register() -> None:

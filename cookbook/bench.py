@@ -322,7 +322,7 @@ def bench_outliers(model, tokenizer, device, settings: BenchSettings) -> list[di
     }
     rows = []
     for variant, make in variants.items():
-        originals = Q.swap_modules(model, {n: make(n, m) for n, m in Q.decoder_linears(model)})
+        originals = Q.swap_modules(model, {n: make(n, m) for n, m in Q.decoder_linears(model).items()})
         try:
             rows.append(measure_model(model, tokenizer, settings, "activation quantization", variant, "int8 W8A8",
                                       "decoder linears only; the int8 matmul emulated in float32 (no int8 kernel)"))

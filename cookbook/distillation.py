@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core.layout import decoder as _decoder
+from .core.layout import layer_types, renumber, set_layers, subset_config
+from .core.train import adamw_loop
 from .models import cache_dir
 
 STUDENT_DIR_NAME = "distilled-student"
@@ -53,17 +56,6 @@ def evenly_spaced_layers(n_layers: int, n_keep: int) -> list[int]:
     return [round((i + 1) * n_layers / n_keep) - 1 for i in range(n_keep)]
 
 
-def _decoder(model: nn.Module) -> nn.Module:
-    """The decoder stack (`model.model`) of a Hugging Face causal LM such as Gemma3ForCausalLM."""
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
-        raise TypeError(
-            f"{type(model).__name__} is not a decoder LM laid out as model.model.layers / "
-            "model.model.embed_tokens (Gemma, Llama, Qwen, ...); this helper supports only that layout."
-        )
-    return inner
-
-
 def make_student(teacher: nn.Module, keep: Sequence[int], share_embedding: bool = True) -> nn.Module:
     """A smaller model of the teacher's family made of the teacher's layers `keep` (copied, in order).
 
@@ -76,29 +68,18 @@ def make_student(teacher: nn.Module, keep: Sequence[int], share_embedding: bool 
     keep = list(keep)
     if not keep or any(not 0 <= i < n_layers for i in keep) or len(set(keep)) != len(keep):
         raise ValueError(f"keep must be distinct layer indices in [0, {n_layers}), got {keep}.")
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(keep)
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [teacher.config.layer_types[i] for i in keep]
+    config = subset_config(teacher.config, keep)
     with torch.device("meta"):  # build the skeleton without allocating or initialising weights
         student = type(teacher)(config)
     inner = _decoder(student)
     inner.embed_tokens = decoder.embed_tokens if share_embedding else copy.deepcopy(decoder.embed_tokens)
-    inner.layers = nn.ModuleList(_renumbered(copy.deepcopy(decoder.layers[i]), j) for j, i in enumerate(keep))
+    inner.layers = nn.ModuleList(renumber(copy.deepcopy(decoder.layers[i]), j) for j, i in enumerate(keep))
     inner.norm = copy.deepcopy(decoder.norm)
     inner.rotary_emb = copy.deepcopy(decoder.rotary_emb)
     student.lm_head.weight = inner.embed_tokens.weight  # tied, as in the teacher
     _check_materialised(student)
     student.generation_config = copy.deepcopy(teacher.generation_config)
     return student.to(teacher.device).eval()
-
-
-def _renumbered(layer: nn.Module, index: int) -> nn.Module:
-    """Give a copied decoder layer its new position (the KV cache is indexed by `layer_idx`)."""
-    for module in layer.modules():
-        if hasattr(module, "layer_idx"):
-            module.layer_idx = index
-    return layer
 
 
 def _check_materialised(model: nn.Module) -> None:
@@ -296,10 +277,9 @@ def train_student(
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The student has no trainable parameters.")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     log, start = TrainLog(), time.perf_counter()
-    student.train()
-    for step in range(steps):
+
+    def step_loss(step: int) -> torch.Tensor:
         rows = slice(step * batch_size, (step + 1) * batch_size)
         ids = cache.inputs[rows].to(student.device)  # (b, t)
         logits = student(input_ids=ids[:, :-1], use_cache=False).logits  # (b, t-1, V)
@@ -311,14 +291,15 @@ def train_student(
         else:
             ce = F.cross_entropy(_upcast(logits).flatten(0, 1), labels.flatten())
             loss, kl = ce, torch.tensor(float("nan"))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        log.loss.append(loss.item())
         log.ce.append(ce.item())
         log.kl.append(kl.item())
-    student.eval()
+        return loss
+
+    student.train()
+    try:
+        log.loss, _ = adamw_loop(params, step_loss, steps, lr, clip=1.0)
+    finally:
+        student.eval()
     log.seconds = time.perf_counter() - start
     return log
 
@@ -369,13 +350,9 @@ def repeat_layers(model: nn.Module, uses: int) -> nn.Module:
         raise ValueError(f"uses must be a positive integer (how often each layer runs), got {uses!r}.")
     decoder = _decoder(model)
     old = list(decoder.layers)
-    decoder.layers = nn.ModuleList(
-        _renumbered(copy.deepcopy(layer), i * uses + j) for i, layer in enumerate(old) for j in range(uses)
-    )
-    for config in {id(c): c for c in (model.config, decoder.config)}.values():
-        config.num_hidden_layers = len(decoder.layers)
-        if getattr(config, "layer_types", None) is not None:
-            config.layer_types = [t for t in config.layer_types for _ in range(uses)]
+    types = layer_types(model.config)
+    set_layers(model, [copy.deepcopy(layer) for layer in old for _ in range(uses)],
+               [types[i] for i in range(len(old)) for _ in range(uses)])
     return share_layer_parameters(model, consecutive_groups(len(decoder.layers), uses))
 
 

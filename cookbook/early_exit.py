@@ -18,6 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from cookbook import decoding as dec
+from cookbook.core import (
+    KVCache,
+    check_model,
+    decoder_layer,
+    decoder_layers,
+    final_logits,
+    layer_types,
+    softcap_logits,
+    step_context,
+)
+from cookbook.core.forward import project_kv
 
 
 @dataclass
@@ -72,7 +83,7 @@ class ShortlistTest:
 
     def passes(self, h: torch.Tensor, threshold: float) -> bool:
         """Whether the normed hidden state h (1, 1, D) is confident enough on the shortlist."""
-        logits = dec.softcap_logits(self.model, h.reshape(-1) @ self.rows.T)  # (S,)
+        logits = softcap_logits(self.model, h.reshape(-1) @ self.rows.T)  # (S,)
         return torch.softmax(logits.float(), dim=-1).max().item() >= threshold
 
 
@@ -80,16 +91,16 @@ class ShortlistTest:
 def exit_agreement(model, ids: torch.Tensor, exit_layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced over ids (1, t): normed hidden states after each exit point (E, t, D), and whether the head's
     top-1 token there equals the full model's (E, t). The head runs in chunks of 64 tokens (64 x V floats each)."""
-    dec._check_model(model)
-    _check_exit_layers(exit_layers, len(model.model.layers), 1.0)
+    check_model(model)
+    _check_exit_layers(exit_layers, len(decoder_layers(model)), 1.0)
     if not exit_layers:
         raise ValueError("exit_agreement needs at least one exit point (a layer count in exit_layers).")
     config = model.config
     x = model.model.embed_tokens(ids)  # (1, t, D)
-    ctx = dec.step_context(config, 0, ids.shape[1], x.device, x.dtype)
+    ctx = step_context(config, 0, ids.shape[1], x.device, x.dtype)
     states = {}
-    for i, (layer, layer_type) in enumerate(zip(model.model.layers, dec._layer_types(config))):
-        x = dec.decoder_layer(layer, x, ctx, layer_type, None, i)
+    for i, (layer, layer_type) in enumerate(zip(decoder_layers(model), layer_types(config))):
+        x = decoder_layer(layer, x, ctx, layer_type, None, i)
         if i + 1 in exit_layers:
             states[i + 1] = model.model.norm(x)[0]  # (t, D)
     final = _top1(model, model.model.norm(x)[0])  # (t,)
@@ -104,7 +115,7 @@ def _top1(model, h: torch.Tensor, chunk: int = 64) -> torch.Tensor:
 
 
 @torch.no_grad()
-def early_exit_step(model, token: torch.Tensor, cache: dec.KVCache, exit_layers: list[int], threshold: float,
+def early_exit_step(model, token: torch.Tensor, cache: KVCache, exit_layers: list[int], threshold: float,
                     shortlist: ShortlistTest | None = None) -> tuple[torch.Tensor, int, int]:
     """One decoding step that may stop after any layer count in `exit_layers`: token (1, 1) -> (logits (V,), layers
     run, whole-head reads by the exit checks).
@@ -114,28 +125,28 @@ def early_exit_step(model, token: torch.Tensor, cache: dec.KVCache, exit_layers:
     still need its K and V for later tokens: we compute them from the exited hidden state (state copying, as in
     CALM), which costs only the K/V projections of the skipped layers.
     """
-    layers, types = model.model.layers, dec._layer_types(model.config)
+    layers, types = decoder_layers(model), layer_types(model.config)
     _check_exit_layers(exit_layers, len(layers), threshold)
     x = model.model.embed_tokens(token)  # (1, 1, D)
-    ctx = dec.step_context(model.config, cache.length, 1, x.device, x.dtype)
+    ctx = step_context(model.config, cache.length, 1, x.device, x.dtype)
     reads = 0
     for i, layer in enumerate(layers):
-        x = dec.decoder_layer(layer, x, ctx, types[i], cache, i)
+        x = decoder_layer(layer, x, ctx, types[i], cache, i)
         if i + 1 not in exit_layers:
             continue
         h = model.model.norm(x)  # (1, 1, D)
         if shortlist is not None and not shortlist.passes(h, threshold):
             continue  # the bound says no: the head is not read
-        logits, reads = dec._final_logits(model, h)[0, -1], reads + 1  # (V,)
+        logits, reads = final_logits(model, h)[0, -1], reads + 1  # (V,)
         if torch.softmax(logits.float(), dim=-1).max() >= threshold:
             for j in range(i + 1, len(layers)):  # fill the skipped layers' cache from the exited state
                 cos, sin = ctx.rope[types[j]]
-                k, v = dec.project_kv(layers[j].self_attn, layers[j].input_layernorm(x), cos, sin)
-                cache.write(j, k, v)
+                k, v = project_kv(layers[j].self_attn, layers[j].input_layernorm(x), cos, sin)
+                cache.update(j, k, v)
             cache.advance(1)
             return logits, i + 1, reads
     cache.advance(1)
-    return dec._final_logits(model, model.model.norm(x))[0, -1], len(layers), reads
+    return final_logits(model, model.model.norm(x))[0, -1], len(layers), reads
 
 
 @torch.no_grad()
@@ -144,10 +155,10 @@ def early_exit_teacher_forced(model, ids: torch.Tensor, exit_layers: list[int], 
     """Score ids (1, t) token by token with early exit: the first `prefix` tokens are context (all but the last
     prefilled in one pass); from token `prefix - 1` on, each step feeds the true token and records its exit layer,
     the NLL of the following true token, and the time."""
-    dec._check_prompt(ids, 1)
+    dec.check_prompt(ids, 1)
     if not 1 <= prefix < ids.shape[1]:
         raise ValueError(f"prefix must be in [1, {ids.shape[1] - 1}], got {prefix}.")
-    cache = dec.KVCache.allocate(model.config, ids.shape[1], dtype=model.dtype, device=ids.device)
+    cache = KVCache.allocate(model.config, ids.shape[1], dtype=model.dtype, device=ids.device)
     if prefix > 1:
         dec.forward(model, ids[:, : prefix - 1], cache)
     result, start = EarlyExitResult([], [], [], [], []), time.perf_counter()

@@ -22,16 +22,29 @@ import torch
 from torch import nn
 
 from cookbook import decoding as dec
+from cookbook.core import (
+    KVCache,
+    StepContext,
+    attention_mask,
+    check_model,
+    decoder_layer,
+    decoder_layers,
+    final_logits,
+    layer_types,
+    layer_window,
+    rope_cos_sin,
+    softcap_logits,
+)
 
 
 def static_context(config, pos: torch.Tensor, max_len: int,
-                   rope: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dec.StepContext:
+                   rope: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> StepContext:
     """What the layers share for new tokens at positions pos (t,) over all L cache slots: rotary rows, masks."""
     slots = torch.arange(max_len, device=pos.device)  # (L,)
     # (t, L) per layer type; a slot not written yet sits after pos, so causality hides it too
-    masks = {lt: dec.attention_mask(pos, slots, dec.layer_window(config, lt)) for lt in rope}
+    masks = {lt: attention_mask(pos, slots, layer_window(config, lt)) for lt in rope}
     rows = {lt: (cos[pos], sin[pos]) for lt, (cos, sin) in rope.items()}  # (t, d) each
-    return dec.StepContext(pos, rows, masks, write_pos=pos)
+    return StepContext(pos, rows, masks, write_pos=pos)
 
 
 class StaticDecoder:
@@ -43,12 +56,12 @@ class StaticDecoder:
     """
 
     def __init__(self, model, max_len: int, compile: bool = False, mode: str | None = None) -> None:
-        dec._check_model(model)
+        check_model(model)
         device, dtype = model.device, model.dtype
         self.model, self.max_len, self.compiled = model, max_len, compile
-        self.cache = dec.KVCache.allocate(model.config, max_len, dtype=dtype, device=device)
+        self.cache = KVCache.allocate(model.config, max_len, dtype=dtype, device=device)
         slots = torch.arange(max_len, device=device)  # (L,)
-        self.rope = {lt: dec.rope_cos_sin(model.config, lt, slots, dtype) for lt in set(dec._layer_types(model.config))}
+        self.rope = {lt: rope_cos_sin(model.config, lt, slots, dtype) for lt in set(layer_types(model.config))}
         self._run = torch.compile(self._step, fullgraph=True, dynamic=False, mode=mode) if compile else self._step
 
     @torch.no_grad()
@@ -57,12 +70,12 @@ class StaticDecoder:
         model = self.model
         ctx = static_context(model.config, pos, self.max_len, self.rope)
         x = model.model.embed_tokens(tokens)  # (1, t, D)
-        for i, (layer, layer_type) in enumerate(zip(model.model.layers, dec._layer_types(model.config))):
-            x = dec.decoder_layer(layer, x, ctx, layer_type, self.cache, i)
+        for i, (layer, layer_type) in enumerate(zip(decoder_layers(model), layer_types(model.config))):
+            x = decoder_layer(layer, x, ctx, layer_type, self.cache, i)
         x = model.model.norm(x)  # (1, t, D)
         if self.compiled and x.shape[1] == 1 and type(model.lm_head) is nn.Linear:
-            return dec.softcap_logits(model, matvec_head(model.lm_head, x))  # (1, 1, V)
-        return dec._final_logits(model, x)  # (1, t, V)
+            return softcap_logits(model, matvec_head(model.lm_head, x))  # (1, 1, V)
+        return final_logits(model, x)  # (1, t, V)
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Run `tokens` after the cache's valid ones; returns logits (t, V) and advances the cache by t."""
@@ -81,7 +94,7 @@ class StaticDecoder:
     @torch.no_grad()
     def prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Empty the cache and run the prompt (1, p) in one eager pass; returns the last position's logits (V,)."""
-        dec._check_prompt(prompt_ids, 1)
+        dec.check_prompt(prompt_ids, 1)
         if prompt_ids.shape[1] >= self.max_len:
             raise ValueError(f"The prompt has {prompt_ids.shape[1]} tokens and the cache {self.max_len} slots; build "
                              "the StaticDecoder with max_len > prompt length + new tokens.")
@@ -91,14 +104,14 @@ class StaticDecoder:
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int,
                  stop_token_id: int | None = None) -> dec.Generation:
         """Greedy decoding: one prefill, then one `step` per token (compiled or not)."""
-        dec._check_prompt(prompt_ids, max_new_tokens)
+        dec.check_prompt(prompt_ids, max_new_tokens)
         start = time.perf_counter()
         logits = self.prefill(prompt_ids)  # (V,)
         tokens, times = [], []
         while True:
             tokens.append(int(logits.argmax()))
             times.append(time.perf_counter() - start)
-            if dec._stop(tokens[-1], stop_token_id) or len(tokens) == max_new_tokens:
+            if dec.stopped(tokens[-1], stop_token_id) or len(tokens) == max_new_tokens:
                 return dec.Generation(tokens, times)
             logits = self.step(tokens[-1:])[-1]  # (V,)
 

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .core import LINEAR_NAMES, decoder_layers
 from .errors import require_module
-from .quantization import LINEAR_NAMES, QuantizedWeight, QuantLinear
+from .quantization import QuantizedWeight, QuantLinear
 
 BLOCK = 32  # weights per block in Q4_0 and Q8_0
 GGUF_LINEAR = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -64,7 +65,7 @@ def q8_0_blocks(qw: QuantizedWeight) -> np.ndarray:
 def _linear_codes(model: nn.Module) -> dict[str, QuantLinear]:
     """GGUF tensor name -> our QuantLinear, for every decoder linear; a clear error for anything else."""
     found = {}
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(decoder_layers(model)):
         for hf, short in GGUF_LINEAR.items():
             module = layer.get_submodule(hf)
             if not isinstance(module, QuantLinear):

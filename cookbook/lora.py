@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from contextlib import nullcontext
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core.train import adamw_loop
 from .data import data_dir
 
 TASK_FILE = "lora_task.jsonl"
@@ -426,28 +427,21 @@ def train(model, batches: Iterable[Batch], steps: int, lr: float = 1e-3, weight_
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters; call add_lora() or unfreeze some layers.")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}.")
     batches = list(batches)
     if not batches:
         raise ValueError("train needs at least one batch.")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     device_type = next(model.parameters()).device.type
-    model.train()
-    losses = []
-    for step in range(steps):
-        batch = batches[step % len(batches)]
+
+    def step_loss(step: int) -> torch.Tensor:
         mixed = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
         with mixed:
-            loss = completion_loss(model, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step, losses[-1])
-    model.eval()
-    return losses, optimizer
+            return completion_loss(model, batches[step % len(batches)])
+
+    model.train()
+    try:
+        return adamw_loop(params, step_loss, steps, lr, weight_decay, on_step=on_step)
+    finally:
+        model.eval()
 
 
 # ---------------------------------------------------------------- what training holds in memory

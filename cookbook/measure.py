@@ -106,18 +106,6 @@ def _group(name: str) -> str:
     return "norm" if "norm" in name else "other"
 
 
-def kv_cache_bytes_per_token(config, dtype: torch.dtype = torch.float32, kv_heads: int | None = None) -> int:
-    """K and V for one token across all layers: 2 * layers * kv_heads * head_dim * element size.
-    `kv_heads` None = the config's own; pass num_attention_heads for MHA, 1 for MQA."""
-    heads = config.num_attention_heads
-    if kv_heads is None:
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
-        raise ValueError(f"kv_heads must be a positive divisor of num_attention_heads={heads}; got {kv_heads!r}.")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
-
-
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import capture_layer_inputs, decoder_layers, final_logits, run_layer
+from .core.train import adamw_loop
 from .errors import require_module
 
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -363,14 +365,6 @@ def check_gated_mlp(mlp: nn.Module) -> None:
         raise TypeError(f"{type(mlp).__name__} has biased projections; the experts here have none.")
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Hugging Face causal LM (`model.model.layers`)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"Expected a Hugging Face decoder LM with `model.model.layers`; got {type(model).__name__}.")
-    return layers
-
-
 def upcycle_mlps(model: nn.Module, num_experts: int, top_k: int, layers: Iterable[int] | None = None,
                  noise: float = 0.0, seed: int = 0, capacity_factor: float | None = None,
                  router_std: float = 0.02, normalize: bool = True) -> nn.Module:
@@ -440,8 +434,6 @@ class FrozenPrefix:
 @torch.no_grad()
 def frozen_prefix(model: nn.Module, ids: torch.Tensor, start: int) -> FrozenPrefix:
     """Run `ids` (b, t) through decoder layers [0, start) once; training above them can reuse the result."""
-    from .pruning import capture_layer_inputs, run_layer
-
     blocks = decoder_layers(model)
     if not 0 <= start < len(blocks):
         raise ValueError(f"start={start} out of range: the model has {len(blocks)} decoder layers.")
@@ -461,9 +453,7 @@ def forward_from(model: nn.Module, prefix: FrozenPrefix, last: int | None = None
         hidden = out[0] if isinstance(out, tuple) else out  # (b, t, d)
     if last is None:
         return hidden
-    logits = model.lm_head(model.model.norm(hidden[:, -last:]))  # (b, last, V)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return cap * torch.tanh(logits / cap) if cap else logits
+    return final_logits(model, model.model.norm(hidden[:, -last:]))  # (b, last, V)
 
 
 def lm_loss_last(model: nn.Module, prefix: FrozenPrefix, last: int) -> torch.Tensor:
@@ -500,20 +490,21 @@ def train_moe(model: nn.Module, batches: Sequence[FrozenPrefix], lr: float = 1e-
     experts = [p for m in layers for p in m.experts.parameters()]
     for p in routers + experts:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": routers, "lr": router_lr}, {"params": experts, "lr": lr}], weight_decay=0.0)
     log = TrainLog([], [], [], [])
+
+    def step_loss(step: int) -> torch.Tensor:
+        lm = lm_loss_last(model, batches[step], last)
+        balance, z = auxiliary_losses(model)
+        log.lm.append(lm.item())
+        log.balance.append(balance.item())
+        log.z.append(z.item())
+        log.cv.append(sum(load_cv(m.last.routed) for m in layers) / len(layers))
+        return lm + balance_coef * balance + z_coef * z
+
+    groups = [{"params": routers, "lr": router_lr}, {"params": experts, "lr": lr}]
     model.train()
     try:
-        for batch in batches:
-            lm = lm_loss_last(model, batch, last)
-            balance, z = auxiliary_losses(model)
-            (lm + balance_coef * balance + z_coef * z).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            log.lm.append(lm.item())
-            log.balance.append(balance.item())
-            log.z.append(z.item())
-            log.cv.append(sum(load_cv(m.last.routed) for m in layers) / len(layers))
+        adamw_loop(groups, step_loss, len(batches), lr)
     finally:
         model.eval()
         for p in model.parameters():

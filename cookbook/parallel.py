@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import decoder_layer, decoder_layers, layer_types, softcap, step_context
+
 STRATEGIES = ("single", "ddp", "fsdp", "tp", "pp")
 GiB = 2**30
 
@@ -337,7 +339,7 @@ def tensor_parallel_model(model, rank: int, world_size: int, group=None,
                           counter: CommCounter | None = None) -> list[nn.Parameter]:
     """`tensor_parallel_layer` on every decoder layer; embedding, norms and head stay replicated."""
     partial = []
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         partial += tensor_parallel_layer(layer, rank, world_size, group, counter)
     return partial
 
@@ -374,24 +376,19 @@ class PipelineStageModule(nn.Module):
         self.config = model.config
         self.first, self.last = stage == 0, stage == num_stages - 1
         self.embed = model.model.embed_tokens if self.first else None
-        self.layers = nn.ModuleList(model.model.layers[i] for i in layers)
-        self.layer_types = [model.config.layer_types[i] for i in layers]
-        self.rotary = model.model.rotary_emb
+        self.layers = nn.ModuleList(decoder_layers(model)[i] for i in layers)
+        self.layer_types = [layer_types(model.config)[i] for i in layers]
         self.norm = model.model.norm if self.last else None
         self.head = model.lm_head if self.last else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
         h = self.embed(x) if self.first else x  # (b, t, d)
-        pos = torch.arange(h.shape[1], device=h.device)[None]  # (1, t)
-        kwargs = dict(config=self.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=pos)
-        masks = {"full_attention": create_causal_mask(**kwargs),
-                 "sliding_attention": create_sliding_window_causal_mask(**kwargs)}
-        rope = {kind: self.rotary(h, pos, kind) for kind in set(self.layer_types)}
-        for layer, kind in zip(self.layers, self.layer_types):
-            h = layer(h, attention_mask=masks[kind], position_embeddings=rope[kind], position_ids=pos)
-        return self.head(self.norm(h)) if self.last else h  # (b, t, V) or (b, t, d)
+        ctx = step_context(self.config, 0, h.shape[1], h.device, h.dtype)  # rotary tables and masks, no cache
+        for i, (layer, kind) in enumerate(zip(self.layers, self.layer_types)):
+            h = decoder_layer(layer, h, ctx, kind, None, i)  # the core's layer: the model's forward, written once
+        if not self.last:
+            return h  # (b, t, d)
+        return softcap(self.head(self.norm(h)), getattr(self.config, "final_logit_softcapping", None))  # (b, t, V)
 
 
 def pipeline_schedule(kind: str, stage: int, num_stages: int, num_microbatches: int) -> list[tuple[str, int]]:

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from cookbook import parallel as P
+from cookbook.core import decoder_layers
 from cookbook.measure import PeakMemory, time_function
 
 
@@ -71,7 +72,7 @@ def run_data_parallel(args, rank, world, device, mode: str) -> dict:
     else:
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model.model.layers:
+        for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(model)
         with counter.watch_collectives(), PeakMemory() as mem:  # (DTensor.full_tensor uses functional
@@ -97,13 +98,13 @@ def run_tensor_parallel(args, rank, world, device) -> dict:
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     ref_logits = ref_logits.detach()
     model.zero_grad(set_to_none=True)
-    layer_bytes = {"unsharded": sum(P.tensor_nbytes(p) for p in model.model.layers[0].parameters())}
+    layer_bytes = {"unsharded": sum(P.tensor_nbytes(p) for p in decoder_layers(model)[0].parameters())}
     with torch.no_grad():
         t_full = time_function(lambda: model(input_ids=ids), warmup=1, repeats=3).median_s
 
     counter = P.CommCounter()
     partial = P.tensor_parallel_model(model, rank, world, counter=counter)
-    layer_bytes["per_rank"] = sum(P.tensor_nbytes(p) for p in model.model.layers[0].parameters())
+    layer_bytes["per_rank"] = sum(P.tensor_nbytes(p) for p in decoder_layers(model)[0].parameters())
     logits = model(input_ids=ids).logits
     forward = counter.as_dict()
     loss = P.causal_lm_loss(logits, ids)
@@ -124,7 +125,7 @@ def run_tensor_parallel(args, rank, world, device) -> dict:
             "logits_max_abs": ref_logits.abs().max().item(), "grad_max_rel_error": grad_err,
             "forward_comm": forward["payload"], "forward_calls": forward["calls"], "backward_comm": backward,
             "partial_grad_bytes": counter.payload["all_reduce_partial_grads"],
-            "layers": len(model.model.layers), "tokens": ids.numel(), "hidden": model.config.hidden_size,
+            "layers": len(decoder_layers(model)), "tokens": ids.numel(), "hidden": model.config.hidden_size,
             "layer_param_bytes": layer_bytes, "forward_s_unsharded": t_full, "forward_s_tp": t_tp}
 
 

@@ -23,49 +23,31 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import (
+    LINEAR_NAMES,
+    capture_layer_inputs,
+    decoder_layers,
+    decoder_linears,
+    layer_types,
+    linear_key,
+    run_layer,
+)
+from .core.layout import set_layers
+from .core.train import adamw_loop
 from .errors import require_cuda
 from .measure import model_bytes, single_thread, tensor_bytes
 from .quantization import inverse_hessian_factor
 
-LINEAR_NAMES: tuple[str, ...] = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
 METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
 
 
 # ---------------------------------------------------------------- the layers we prune
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Hugging Face causal LM (`model.model.layers`)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(
-            "Expected a Hugging Face decoder LM with `model.model.layers` (e.g. Gemma, Llama); "
-            f"got {type(model).__name__}."
-        )
-    return layers
-
-
-def decoder_linears(model: nn.Module, layers: Iterable[int] | None = None) -> dict[str, nn.Linear]:
-    """The linear layers pruning acts on, keyed 'layers.{i}.{name}' (no embedding, no LM head)."""
-    blocks = decoder_layers(model)
-    chosen = range(len(blocks)) if layers is None else list(layers)
-    out = {}
-    for i in chosen:
-        if not 0 <= i < len(blocks):
-            raise ValueError(f"Layer index {i} out of range: the model has {len(blocks)} decoder layers.")
-        for name in LINEAR_NAMES:
-            out[f"layers.{i}.{name}"] = blocks[i].get_submodule(name)
-    return out
 
 
 def sparsity_of(model: nn.Module, layers: Iterable[int] | None = None) -> float:
@@ -164,80 +146,6 @@ def choose_mask(scores: torch.Tensor, sparsity: float | None, nm: tuple[int, int
 
 
 # ---------------------------------------------------------------- calibration: layer inputs, statistics
-
-
-@dataclass
-class LayerInputs:
-    """What decoder layer 0 receives for a calibration batch, and the keyword arguments of every layer."""
-
-    hidden: torch.Tensor  # (n, t, d)
-    kwargs: list[dict] = field(default_factory=list)  # per layer: masks, position embeddings, position ids
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> LayerInputs:
-    """Run the model up to its first decoder layer and record every layer's call arguments.
-
-    Layers get different masks and rotary tables (sliding vs full attention); those depend only on
-    positions, so one pass that stops before layer 0 computes nothing heavy.
-    """
-    layers = decoder_layers(model)
-    captured = LayerInputs(hidden=torch.empty(0))
-    handles = []
-
-    def grab(i: int) -> Callable:
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")}
-            kw["use_cache"] = False
-            captured.kwargs.append(kw)
-            if i == 0:
-                captured.hidden = hidden.detach().clone()
-            if i == len(layers) - 1:
-                raise _Stop
-            return None
-        return hook
-
-    # Only layer 0 must run for real: replace the other layers' work by an identity while capturing.
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(grab(i), with_kwargs=True))
-    try:
-        for layer in layers:
-            layer.forward = lambda hidden_states=None, *a, **k: hidden_states  # type: ignore[method-assign]
-        model.model(input_ids=input_ids.to(model.device), use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for layer in layers:
-            del layer.forward  # back to the class method
-        for h in handles:
-            h.remove()
-    if len(captured.kwargs) != len(layers):
-        raise RuntimeError("Could not capture the inputs of every decoder layer.")
-    return captured
-
-
-def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, chunk: int = 8) -> torch.Tensor:
-    """One decoder layer on (n, t, d) hidden states, `chunk` sequences at a time: -> (n, t, d)."""
-    outs = []
-    for s in range(0, hidden.shape[0], chunk):
-        kw = {k: (_slice_batch(v, s, chunk, hidden.shape[0])) for k, v in kwargs.items()}
-        out = layer(hidden[s : s + chunk], **kw)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return torch.cat(outs)
-
-
-def _slice_batch(value, start: int, chunk: int, batch: int):
-    """Cut the batch dimension of a tensor kwarg (masks) to match a chunk; leave the rest alone."""
-    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch and batch > 1:
-        return value[start : start + chunk]
-    if isinstance(value, tuple):
-        return tuple(_slice_batch(v, start, chunk, batch) for v in value)
-    return value
 
 
 class InputStatistics:
@@ -540,7 +448,7 @@ def prune_mlp_channels(model: nn.Module, input_norms: dict[str, torch.Tensor], f
         mlp = block.mlp
         inter = mlp.down_proj.in_features
         n_keep = inter - round(fraction * inter)
-        scores = mlp_channel_scores(_norm_for(input_norms, f"layers.{i}.mlp.down_proj", inter), mlp.down_proj.weight)
+        scores = mlp_channel_scores(_norm_for(input_norms, linear_key(i, "mlp.down_proj"), inter), mlp.down_proj.weight)
         keep = _keep_indices(scores, n_keep)  # (n_keep,)
         mlp.gate_proj = shrink_linear(mlp.gate_proj, keep_out=keep)
         mlp.up_proj = shrink_linear(mlp.up_proj, keep_out=keep)
@@ -571,7 +479,7 @@ def prune_heads(model: nn.Module, input_norms: dict[str, torch.Tensor], n_remove
     for i, block in enumerate(blocks):
         attn = block.self_attn
         hd = attn.head_dim
-        norm = _norm_for(input_norms, f"layers.{i}.self_attn.o_proj", attn.o_proj.in_features)
+        norm = _norm_for(input_norms, linear_key(i, "self_attn.o_proj"), attn.o_proj.in_features)
         heads = _keep_indices(head_scores(norm, attn.o_proj.weight, hd), n_keep)  # (n_keep,)
         dims = (heads.unsqueeze(1) * hd + torch.arange(hd)).flatten()  # (n_keep * hd,)
         attn.q_proj = shrink_linear(attn.q_proj, keep_out=dims)
@@ -614,15 +522,7 @@ def drop_layers(model: nn.Module, drop: Sequence[int]) -> list[int]:
     if len(drop) >= len(blocks):
         raise ValueError("Cannot drop every decoder layer; keep at least one.")
     kept = [i for i in range(len(blocks)) if i not in drop]
-    config = model.config
-    layer_types = getattr(config, "layer_types", None)
-    model.model.layers = nn.ModuleList([blocks[i] for i in kept])
-    for new_idx, block in enumerate(model.model.layers):
-        block.layer_idx = new_idx
-        block.self_attn.layer_idx = new_idx
-    config.num_hidden_layers = len(kept)
-    if layer_types is not None:
-        config.layer_types = [layer_types[i] for i in kept]
+    set_layers(model, [blocks[i] for i in kept], [layer_types(model.config)[i] for i in kept])
     return kept
 
 
@@ -649,19 +549,15 @@ def recovery_finetune(model: nn.Module, train_ids: torch.Tensor, steps: int = 20
             params.append(p)
     if not params:
         raise ValueError("The `train` filter selected no parameters.")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses = []
+
+    def step_loss(step: int) -> torch.Tensor:
+        rows = torch.arange(step * batch_size, (step + 1) * batch_size) % train_ids.shape[0]
+        ids = train_ids[rows].to(model.device)  # (b, t)
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
     model.train()
     try:
-        for step in range(steps):
-            rows = torch.arange(step * batch_size, (step + 1) * batch_size) % train_ids.shape[0]
-            ids = train_ids[rows].to(model.device)  # (b, t)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+        losses, _ = adamw_loop(params, step_loss, steps, lr, clip=1.0)
     finally:
         model.eval()
         for p in model.parameters():

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import LINEAR_NAMES, capture_layer_inputs, decoder_layers, decoder_linears
 from .measure import single_thread
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # ---------------------------------------------------------------- number formats
@@ -326,12 +326,6 @@ class QuantLinear(nn.Module):
                 f"group_size={self.group_size}, symmetric={self.symmetric}")
 
 
-def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """(name, module) of every nn.Linear inside the decoder layers (the lm_head is left out)."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and ".layers." in f".{n}" and n.split(".")[-1] in LINEAR_NAMES]
-
-
 def swap_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """Put each replacement at its dotted name; return the modules taken out (for `restore_modules`)."""
     originals = {}
@@ -351,7 +345,7 @@ def restore_modules(model: nn.Module, originals: dict[str, nn.Module]) -> None:
 def quantize_linears_rtn(model: nn.Module, bits: int, group_size: int | None = None,
                          symmetric: bool = True) -> dict[str, nn.Module]:
     """Swap every decoder nn.Linear for an RTN QuantLinear; returns the originals."""
-    new = {n: QuantLinear.from_linear(m, bits, group_size, symmetric) for n, m in decoder_linears(model)}
+    new = {n: QuantLinear.from_linear(m, bits, group_size, symmetric) for n, m in decoder_linears(model).items()}
     return swap_modules(model, new)
 
 
@@ -485,47 +479,11 @@ class NF4Linear(nn.Module):
 
 def quantize_linears_nf4(model: nn.Module, block_size: int = 64, double_quant: bool = True) -> dict[str, nn.Module]:
     """Swap every decoder nn.Linear for an NF4Linear; returns the originals."""
-    new = {n: NF4Linear.from_linear(m, block_size, double_quant) for n, m in decoder_linears(model)}
+    new = {n: NF4Linear.from_linear(m, block_size, double_quant) for n, m in decoder_linears(model).items()}
     return swap_modules(model, new)
 
 
 # ---------------------------------------------------------------- calibration: layer by layer
-
-
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
-    """The hidden states entering layer 0 (n, t, d) and the keyword arguments (masks, rotary embeddings)
-    each decoder layer receives, so layers can be re-run alone.
-
-    The decoder runs once with every layer replaced by a recorder that passes its input through: the
-    masks and rotary tables are built before the layer loop, so no layer has to compute anything here.
-    """
-    layers = model.model.layers
-    captured: dict = {"kwargs": [None] * len(layers)}
-    model.model.layers = nn.ModuleList(_LayerRecorder(layer, i, captured) for i, layer in enumerate(layers))
-    try:  # the decoder stack only: the lm_head's logits (n, t, 262144) would cost 1 GiB per 1024 tokens
-        model.model(input_ids=input_ids.to(model.device), use_cache=False)
-    finally:
-        model.model.layers = layers
-    return captured["hidden"], captured["kwargs"]
-
-
-class _LayerRecorder(nn.Module):
-    """Stands in for decoder layer `index` while `capture_layer_inputs` runs: records, passes through."""
-
-    def __init__(self, layer: nn.Module, index: int, captured: dict) -> None:
-        super().__init__()
-        self.index, self.captured = index, captured
-        if hasattr(layer, "attention_type"):  # some decoders pick the layer's mask by this attribute
-            self.attention_type = layer.attention_type
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args:
-            raise TypeError("capture_layer_inputs expects decoder layers called as layer(hidden, **kwargs).")
-        if self.index == 0:
-            self.captured["hidden"] = hidden_states
-        self.captured["kwargs"][self.index] = kwargs
-        return hidden_states
 
 
 @torch.no_grad()
@@ -535,7 +493,7 @@ def collect_linear_inputs(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
     inputs: dict[str, list[torch.Tensor]] = {}
     handles = []
     for name, module in layer.named_modules():
-        if name.split(".")[-1] in LINEAR_NAMES:
+        if name in LINEAR_NAMES:
             handles.append(module.register_forward_hook(
                 lambda m, a, o, name=name: inputs.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1]))))
     try:
@@ -676,11 +634,12 @@ def quantize_model_layerwise(model: nn.Module, calib_ids: torch.Tensor, method: 
     if method not in ("gptq", "awq"):
         raise ValueError(f"method must be 'gptq' or 'awq', got {method!r}.")
     check_bits(bits)
-    decoder = model.model.layers
+    decoder = decoder_layers(model)
     chosen = set(range(len(decoder)) if layers is None else layers)
     if not chosen <= set(range(len(decoder))):
         raise ValueError(f"layers must be indices in [0, {len(decoder) - 1}], got {sorted(chosen)}.")
-    hidden, kwargs = capture_layer_inputs(model, calib_ids)  # (n, t, d)
+    inputs = capture_layer_inputs(model, calib_ids)
+    hidden, kwargs = inputs.hidden, inputs.kwargs  # (n, t, d), one dict per layer
     originals: dict[str, nn.Module] = {}
     for i, layer in enumerate(decoder):
         if i in chosen:
@@ -804,7 +763,7 @@ def activation_absmax(model: nn.Module, input_ids: torch.Tensor) -> dict[str, to
             stats[name] = torch.maximum(stats[name], a) if name in stats else a
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in decoder_linears(model)]
+    handles = [m.register_forward_hook(hook(n)) for n, m in decoder_linears(model).items()]
     try:  # the decoder stack only: the lm_head's logits (n, t, 262144) would cost 1 GiB per 1024 tokens
         model.model(input_ids=input_ids.to(model.device), use_cache=False)
     finally:

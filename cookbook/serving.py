@@ -2,8 +2,8 @@
 
 Everything here is built from scratch on a Hugging Face Gemma 3 model's weights:
 
-- `forward_tokens` runs a *ragged* batch through the decoder: each sequence brings its own KV cache
-  (`KVCache`, one per request) and its own number of new tokens. New tokens are left-padded to the
+- `forward_tokens` (from `cookbook.core`) runs a *ragged* batch through the decoder: each sequence brings its own
+  KV cache (`KVCache`, one per request) and its own number of new tokens. New tokens are left-padded to the
   longest, cached keys are left-padded to the longest history, and an attention bias built from the
   true positions hides the padding (and keys outside Gemma 3's sliding window). Left padding puts
   every sequence's last token in the same column, so one slice gives the next-token logits.
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import decoding as dec
+from .core.cache import KVCache
+from .core.forward import forward_tokens
 
 HIGH, LOW = 0, 1
 PRIORITY_NAMES = {"high": HIGH, "low": LOW}
@@ -122,140 +122,6 @@ def with_rate(requests: Sequence[Request], rate_per_s: float, base_rate_per_s: f
     """The same requests with arrival times rescaled from `base_rate_per_s` to `rate_per_s`."""
     scale = base_rate_per_s / rate_per_s
     return [Request(r.rid, r.prompt_ids, r.max_new_tokens, r.arrival_s * scale, r.priority) for r in requests]
-
-
-# ---------------------------------------------------------------- per-sequence KV cache
-
-
-class KVCache:
-    """Keys and values of one sequence for every layer: (layers, kv_heads, capacity, head_dim), grown on demand.
-
-    `forward_tokens` needs only `length`, `reserve`, `write` and `read`: `cookbook.paged.PagedCache` offers the
-    same four over fixed-size blocks of a shared pool."""
-
-    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:
-        self.keys = torch.zeros(n_layers, kv_heads, capacity, head_dim, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
-        self.length = 0  # tokens already cached
-
-    @classmethod
-    def for_model(cls, model, capacity: int) -> KVCache:
-        cfg = model.config
-        p = next(model.parameters())
-        return cls(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity, p.dtype, p.device)
-
-    def reserve(self, total: int) -> None:
-        """Make room for `total` tokens (doubling, so appends stay cheap)."""
-        cap = self.keys.shape[2]
-        if total > cap:
-            new_cap = max(total, 2 * cap)
-            pad = (0, 0, 0, new_cap - cap)  # pad the token axis (dim 2) on the right
-            self.keys, self.values = F.pad(self.keys, pad), F.pad(self.values, pad)
-
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one layer's keys and values (kv_heads, t, head_dim) at token positions [start, start + t)."""
-        self.keys[layer, :, start:start + k.shape[1]] = k
-        self.values[layer, :, start:start + v.shape[1]] = v
-
-    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's keys and values of tokens [0, end): two (kv_heads, end, head_dim) views."""
-        return self.keys[layer, :, :end], self.values[layer, :, :end]
-
-    def nbytes(self) -> int:
-        """Bytes of the cached tokens (what a paged cache would hold), not the spare capacity."""
-        return 2 * self.keys[:, :, : self.length].numel() * self.keys.element_size()
-
-
-# ---------------------------------------------------------------- the ragged batched forward
-
-
-def positions(past: torch.Tensor, n_new: torch.Tensor, width: int, total_width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token positions of the left-padded queries (b, width) and keys (b, total_width); padding gets -1."""
-    col = torch.arange(width)
-    q_pos = col[None] - (width - n_new)[:, None] + past[:, None]  # (b, width)
-    q_pos = torch.where(col[None] >= (width - n_new)[:, None], q_pos, -1)
-    total = past + n_new
-    kcol = torch.arange(total_width)
-    k_pos = kcol[None] - (total_width - total)[:, None]  # (b, T)
-    k_pos = torch.where(k_pos >= 0, k_pos, -1)
-    return q_pos, k_pos
-
-
-def attention_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dtype) -> torch.Tensor:
-    """Additive mask (b, 1, n, T): 0 where a query may see a key, a large negative number elsewhere.
-
-    A key is visible if it is real (not padding), not in the future, and, for sliding-window layers,
-    less than `window` positions back. Padded query rows see nothing useful; their output is discarded.
-    """
-    q, k = q_pos[:, :, None], k_pos[:, None, :]  # (b, n, 1), (b, 1, T)
-    ok = (k >= 0) & (k <= q)
-    if window is not None:
-        ok &= k > q - window
-    bias = torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, torch.finfo(dtype).min)
-    return bias[:, None]  # (b, 1, n, T)
-
-
-def _attention_block(attn, h: torch.Tensor, cos, sin, bias, caches: Sequence, layer: int,
-                     n_new: list[int], past: list[int], total_width: int, fused: bool) -> torch.Tensor:
-    b, n, _ = h.shape
-    hd, kvh = attn.head_dim, attn.k_proj.out_features // attn.head_dim
-    q = attn.q_proj(h).view(b, n, -1, hd).transpose(1, 2)  # (b, H, n, hd)
-    k = attn.k_proj(h).view(b, n, kvh, hd).transpose(1, 2)  # (b, KV, n, hd)
-    v = attn.v_proj(h).view(b, n, kvh, hd).transpose(1, 2)  # (b, KV, n, hd)
-    cos, sin = cos[:, None], sin[:, None]  # (b, 1, n, hd): one position per sequence and token
-    q, k = dec.apply_rope(attn.q_norm(q), cos, sin), dec.apply_rope(attn.k_norm(k), cos, sin)
-    keys = h.new_zeros(b, kvh, total_width, hd)  # (b, KV, T, hd), left-padded histories
-    values = torch.zeros_like(keys)
-    for i, cache in enumerate(caches):
-        start, end = past[i], past[i] + n_new[i]
-        cache.write(layer, start, k[i, :, n - n_new[i]:], v[i, :, n - n_new[i]:])  # this step's real tokens only
-        keys[i, :, total_width - end:], values[i, :, total_width - end:] = cache.read(layer, end)  # (KV, end, hd)
-    out = dec.attention(q, keys, values, bias, attn.scaling, attn.config.attn_logit_softcapping, fused)  # (b, H, n, hd)
-    return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))  # (b, n, d)
-
-
-@torch.no_grad()
-def forward_tokens(model, tokens: Sequence[Sequence[int]], caches: Sequence,
-                   fused: bool = True) -> torch.Tensor:
-    """Feed `tokens[i]` to sequence i (whose history is in `caches[i]`); return next-token logits (b, vocab).
-
-    A cache is a `KVCache` or anything with its `length`, `reserve`, `write` and `read` (`paged.PagedCache`).
-
-    Sequences may bring different numbers of new tokens (a prompt, or one decode token) and have
-    different history lengths: both are left-padded and masked. The caches are extended in place.
-    """
-    if len(tokens) != len(caches) or not tokens:
-        raise ValueError(f"forward_tokens needs one cache per sequence and at least one sequence, "
-                         f"got {len(tokens)} token lists and {len(caches)} caches.")
-    if any(len(t) == 0 for t in tokens):
-        raise ValueError("Every sequence in the batch needs at least one new token.")
-    cfg, device = model.config, model.device
-    n_new = [len(t) for t in tokens]
-    past = [c.length for c in caches]
-    width, total_width = max(n_new), max(p + n for p, n in zip(past, n_new))
-    for c, p, n in zip(caches, past, n_new):
-        c.reserve(p + n)
-    ids = torch.full((len(tokens), width), cfg.pad_token_id or 0, dtype=torch.long)
-    for i, t in enumerate(tokens):
-        ids[i, width - len(t):] = torch.as_tensor(list(t), dtype=torch.long)  # left padding
-    q_pos, k_pos = positions(torch.tensor(past), torch.tensor(n_new), width, total_width)
-    inner = model.model
-    x = inner.embed_tokens(ids.to(device))  # (b, n, d), already scaled by sqrt(d)
-    rope_pos = q_pos.clamp(min=0).to(device)
-    windows = {"sliding_attention": cfg.sliding_window, "full_attention": None}
-    rope = {lt: inner.rotary_emb(x, rope_pos, lt) for lt in set(cfg.layer_types)}  # cos, sin: (b, n, hd)
-    bias = {lt: attention_bias(q_pos, k_pos, windows[lt], x.dtype).to(device) for lt in set(cfg.layer_types)}
-    for idx, layer in enumerate(inner.layers):
-        lt = cfg.layer_types[idx]
-        h = _attention_block(layer.self_attn, layer.input_layernorm(x), *rope[lt], bias[lt], caches, idx,
-                             n_new, past, total_width, fused)
-        x = dec.mlp_residual(layer, x + layer.post_attention_layernorm(h))  # (b, n, d)
-    for c, n in zip(caches, n_new):
-        c.length += n
-    logits = model.lm_head(inner.norm(x[:, -1]))  # (b, vocab): the last column is every sequence's last token
-    if cfg.final_logit_softcapping is not None:
-        logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
-    return logits
 
 
 @torch.no_grad()

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from cookbook import decoding as dec
+from cookbook.core import check_model, decoder_layers
+from cookbook.core.layout import subset_config
 from cookbook.fast_decoding import StaticDecoder
 
 # ---------------------------------------------------------------- draft models
@@ -29,8 +31,8 @@ def truncated_draft(model, num_layers: int):
     Nothing is copied: the draft shares every weight with the target, so it costs no memory. It is a
     real `Gemma3ForCausalLM`-class object, so transformers' assisted generation accepts it too.
     """
-    dec._check_model(model)
-    total = len(model.model.layers)
+    check_model(model)
+    total = len(decoder_layers(model))
     if not 1 <= num_layers < total:
         raise ValueError(f"num_layers must be in [1, {total - 1}] for a {total}-layer model, got {num_layers}.")
     return layer_subset_draft(model, list(range(num_layers)))
@@ -43,19 +45,16 @@ def layer_subset_draft(model, keep: list[int]):
     residual stream onto the head. Only a prefix (`truncated_draft`) also works in transformers' assisted
     generation, whose cache indexes layers by their original number; our loops index by position.
     """
-    dec._check_model(model)
-    total = len(model.model.layers)
+    check_model(model)
+    total = len(decoder_layers(model))
     if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= total or len(keep) == total:
         raise ValueError(f"keep must be a strictly increasing, proper subset of range({total}), got {keep}.")
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = len(keep)
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[i] for i in keep]
+    config = subset_config(model.config, keep)
     draft = copy.copy(model)  # shallow: shares every submodule, then we swap the few that differ
     draft._modules = dict(model._modules)
     draft.model = copy.copy(model.model)
     draft.model._modules = dict(model.model._modules)
-    draft.model.layers = nn.ModuleList([model.model.layers[i] for i in keep])
+    draft.model.layers = nn.ModuleList([decoder_layers(model)[i] for i in keep])
     draft.config = draft.model.config = config
     draft.generation_config = copy.deepcopy(model.generation_config)
     return draft
@@ -164,7 +163,7 @@ class SpeculativeResult:
 
 def _check_round_args(target: StaticDecoder, drafter, prompt_ids: torch.Tensor, max_new_tokens: int, k: int,
                       temperature: float) -> None:
-    dec._check_prompt(prompt_ids, max_new_tokens)
+    dec.check_prompt(prompt_ids, max_new_tokens)
     if k < 1:
         raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}.")
     if temperature < 0:
@@ -215,10 +214,10 @@ def speculative_generate(target, draft, prompt_ids: torch.Tensor, max_new_tokens
                          stop_token_id: int | None = None) -> SpeculativeResult:
     """Speculative decoding of two models that share a tokenizer, both eager (`speculate` over fresh
     `StaticDecoder`s sized for the request). temperature 0 is greedy: token for token the target's greedy output."""
-    dec._check_model(target)
-    dec._check_model(draft)
+    check_model(target)
+    check_model(draft)
     check_compatible(target, draft, target_tokenizer, draft_tokenizer)
-    dec._check_prompt(prompt_ids, max_new_tokens)
+    dec.check_prompt(prompt_ids, max_new_tokens)
     slots = prompt_ids.shape[1] + max_new_tokens + k
     return speculate(StaticDecoder(target, slots), ModelDrafter(StaticDecoder(draft, slots)), prompt_ids,
                      max_new_tokens, k, temperature, generator, stop_token_id)

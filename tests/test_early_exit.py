@@ -9,6 +9,7 @@ import torch
 
 from cookbook import decoding as dec
 from cookbook import early_exit as ee
+from cookbook.core import softcap_logits
 from cookbook.models import tiny_model
 
 
@@ -84,7 +85,7 @@ def test_the_shortlist_bound_passes_wherever_the_full_test_does(model):
     head = model.lm_head.weight.detach()  # (V, D)
     for _ in range(20):
         h = 3 * torch.randn(1, 1, model.config.hidden_size, generator=gen)  # confident enough to matter
-        probs = torch.softmax(dec.softcap_logits(model, h.reshape(-1) @ head.T), -1)  # (V,)
+        probs = torch.softmax(softcap_logits(model, h.reshape(-1) @ head.T), -1)  # (V,)
         others = torch.randint(0, model.config.vocab_size, (30,), generator=gen)
         short = ee.ShortlistTest(model, torch.cat([others, probs.argmax()[None]]))  # holds the top-1
         top = probs.max().item()

@@ -7,9 +7,16 @@ import torch
 from torch import nn
 
 from cookbook import measure
+from cookbook.core import kv_cache_bytes_per_token
 from cookbook.measure import (
-    GenerationSpeed, PeakMemory, count_parameters, format_bytes, kv_cache_bytes_per_token, measure_generation,
-    model_bytes, parameter_breakdown, time_function,
+    GenerationSpeed,
+    PeakMemory,
+    count_parameters,
+    format_bytes,
+    measure_generation,
+    model_bytes,
+    parameter_breakdown,
+    time_function,
 )
 from cookbook.models import tiny_model
 

@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cookbook import serving as sv
+from cookbook.core.forward import ragged_positions
+from cookbook.core.ops import additive_mask, attention_mask
 from cookbook.live import LiveEngine
 from cookbook.models import tiny_model
-
 
 
 def cost(b: int, slots: int) -> float:
@@ -82,8 +83,8 @@ def test_attention_bias_sees_exactly_the_window(past, data):
     n_new = [data.draw(st.integers(1, 5)) for _ in past]
     window = data.draw(st.one_of(st.none(), st.integers(1, 10)))
     width, total_width = max(n_new), max(p + n for p, n in zip(past, n_new))
-    q_pos, k_pos = sv.positions(torch.tensor(past), torch.tensor(n_new), width, total_width)
-    visible = sv.attention_bias(q_pos, k_pos, window, torch.float32)[:, 0] == 0  # (b, n, T)
+    q_pos, k_pos = ragged_positions(torch.tensor(past), torch.tensor(n_new), width, total_width)
+    visible = additive_mask(attention_mask(q_pos, k_pos, window), torch.float32) == 0  # (b, n, T)
     for i, (p, n) in enumerate(zip(past, n_new)):
         real_q = q_pos[i][q_pos[i] >= 0].tolist()
         assert real_q == list(range(p, p + n))  # queries carry their true positions

@@ -1,0 +1,37 @@
+"""The one training loop: AdamW steps on a loss the caller computes (distillation, LoRA, MoE routers and experts,
+recovery after pruning all run it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+
+def adamw_loop(params: Iterable, step_loss: Callable[[int], torch.Tensor], steps: int, lr: float = 1e-3,
+               weight_decay: float = 0.0, clip: float | None = None,
+               on_step: Callable[[int, float], None] | None = None) -> tuple[list[float], torch.optim.Optimizer]:
+    """`steps` AdamW steps: loss = step_loss(step), backward, gradient-norm clip to `clip` if given, update.
+
+    params: tensors, or param groups (dicts with their own "lr") as torch.optim takes them. Returns the loss of
+    every step and the optimizer (its state is what fine-tuning memory is made of). Gradients are freed after
+    the last step."""
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    if not tensors:
+        raise ValueError("Nothing to train: no parameter was given (are they all frozen?).")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    losses = []
+    for step in range(steps):
+        loss = step_loss(step)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(tensors, clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses, optimizer
