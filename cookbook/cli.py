@@ -138,14 +138,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_bench_parser(sub) -> argparse.ArgumentParser:
-    from .bench import TECHNIQUES
-
     bench = sub.add_parser("bench", help="measure every technique on one model and device, write a report")
     bench.add_argument("--model", help="model alias, local directory or Hugging Face id (default: Gemma 3 270M)")
     bench.add_argument("--device", help="cpu or cuda (default: cuda if available, else cpu)")
     bench.add_argument("--quick", action="store_true", help="smaller protocol and fewer repeats (recorded)")
     bench.add_argument("--out", default=str(REPO_ROOT / "reports"), help="folder for <device>.md/.json/.png")
-    bench.add_argument("--only", help=f"comma-separated subset of: {','.join(TECHNIQUES)} (baseline always runs)")
+    bench.add_argument("--only", help="comma-separated technique names, e.g. rtn,kv_cache (baseline always runs; "
+                       "an unknown name prints the list)")
     bench.add_argument("--watts", type=float, help="assumed power draw for tokens/J (default: stated per device)")
     bench.add_argument("--usd-per-hour", type=float, help="assumed machine price for $/M tokens")
     bench.add_argument("--name", help="report file name without extension (default: cpu or cuda-<gpu>)")

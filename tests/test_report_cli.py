@@ -36,3 +36,16 @@ def test_select_notebooks_by_number_and_errors(tmp_path):
 def test_cli_list_includes_the_baseline(capsys):
     assert main(["list"]) == 0
     assert "00_baseline" in capsys.readouterr().out
+
+
+def test_cli_list_imports_no_technique_module():
+    import subprocess
+    import sys
+
+    code = ("import sys; from cookbook.cli import main; main(['list']); "
+            "print(sorted(m for m in sys.modules if m.startswith('cookbook.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = eval(out.strip().splitlines()[-1])  # the list printed last
+    light = {"cookbook.cli", "cookbook.data", "cookbook.errors", "cookbook.evaluate", "cookbook.measure",
+             "cookbook.models", "cookbook.report"}
+    assert set(loaded) <= light, f"`list` imported {sorted(set(loaded) - light)}"
