@@ -7,7 +7,7 @@ the next one (fragmentation). PagedAttention (vLLM) cuts the cache into blocks o
 - `BlockPool` holds every layer's keys and values as `n_blocks` blocks, a free list and a reference count per block;
 - `PagedCache` is one sequence's view: a block table (logical block i -> physical block) and a length. It takes a new
   block only when its last one is full, so at most `block_size - 1` slots per sequence sit empty. It offers what
-  `serving.forward_tokens` needs of a cache (`length`, `reserve`, `write`, `read`): attention gathers the sequence's
+  `core.forward_tokens` needs of a cache (`length`, `reserve`, `write`, `read`): attention gathers the sequence's
   keys through its block table, so the model runs unchanged on it;
 - `PrefixCache` remembers the full blocks of earlier prompts by their token prefix: a request that starts with the
   same tokens (a shared system prompt) points its table at those blocks (one more reference each) and prefills only
@@ -123,7 +123,7 @@ class BlockPool:
 
 
 class PagedCache:
-    """One sequence's KV cache as a block table into a `BlockPool`: the protocol `serving.forward_tokens` uses."""
+    """One sequence's KV cache as a block table into a `BlockPool`: the protocol `core.forward_tokens` uses."""
 
     def __init__(self, pool: BlockPool, blocks: Sequence[int] = (), length: int = 0) -> None:
         self.pool, self.blocks, self.length = pool, list(blocks), length

@@ -69,11 +69,13 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
     """True where a query may see a key: causal, within `window` tokens on sliding layers, never padding.
 
     q_pos (t,) and k_pos (s,) give a (t, s) mask; batched positions (b, t) and (b, s) give (b, t, s).
-    A position of -1 marks padding (left-padded batches): nothing sees it."""
-    diff = q_pos[..., :, None] - k_pos[..., None, :]  # (..., t, s)
-    allowed = (diff >= 0) & (k_pos[..., None, :] >= 0)
+    A position of -1 marks padding (left-padded batches): nothing sees it. Built from comparisons of broadcast
+    positions, so it holds at most two (t, s) bool tensors at once (no (t, s) integer difference)."""
+    q, k = q_pos[..., :, None], k_pos[..., None, :]  # (..., t, 1), (..., 1, s)
+    allowed = k <= q  # (..., t, s)
+    allowed &= k >= 0  # padding keys: (..., 1, s), applied in place
     if window is not None:
-        allowed &= diff < window
+        allowed &= k > q - window  # within the window: key > query - window
     return allowed
 
 
