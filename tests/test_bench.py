@@ -176,7 +176,7 @@ def test_unseparated_decode_is_none_with_a_note_not_a_made_up_speed(tiny, monkey
     model, tok = tiny
     # what a loaded machine can time: the whole generate no slower than its one-token run
     noisy = GenerationSpeed(prompt_tokens=8, new_tokens=6, prefill_s=0.37, first_token_s=0.38, generate_s=0.36)
-    monkeypatch.setattr(bench, "measure_generation", lambda *args, **kwargs: noisy)
+    monkeypatch.setattr(bench.rows, "measure_generation", lambda *args, **kwargs: noisy)
     settings = bench.make_settings(torch.device("cpu"), **TINY)
     row = bench.finish_rows([bench.measure_model(model, tok, settings, "baseline", "as loaded", "float32", "x")],
                             settings)[0]

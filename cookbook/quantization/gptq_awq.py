@@ -1,0 +1,197 @@
+"""Calibrated quantization, layer by layer: each layer's linear inputs on calibration text, the GPTQ
+Hessian and its error-compensating column sweep, AWQ's activation-aware scale search, and the driver that
+runs them over the decoder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..core import LINEAR_NAMES, capture_layer_inputs, decoder_layers
+from ..measure import single_thread
+from .formats import (QuantizedWeight, QuantLinear, check_bits, check_group_size, fake_quantize, quant_params,
+                      quantize_codes, quantize_weight, swap_modules)
+
+# ---------------------------------------------------------------- calibration: layer by layer
+
+
+@torch.no_grad()
+def collect_linear_inputs(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
+                          max_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """Run one decoder layer and record the input rows (tokens, in) of each of its linears."""
+    inputs: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, module in layer.named_modules():
+        if name in LINEAR_NAMES:
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, name=name: inputs.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1]))))
+    try:
+        layer(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {k: torch.cat(v).float() for k, v in inputs.items()}  # name -> (n * t, in)
+    if max_rows is not None:
+        out = {k: v[:: max(1, v.shape[0] // max_rows)][:max_rows] for k, v in out.items()}
+    return out
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """The layer-wise proxy Hessian of GPTQ, H = 2 X^T X / n, from inputs x (n, in): (in, in), float64.
+
+    The product runs in float32, as in the GPTQ reference code (a float64 GEMM costs twice as much and
+    buys nothing: x itself carries float32 rounding); the Cholesky factorisations then run in float64.
+    """
+    x = x.float()
+    return ((2.0 / x.shape[0]) * (x.T @ x)).double()
+
+
+def shared_hessians(xs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`hessian` of each linear's inputs, computed once per distinct input: q/k/v read the same normed
+    hidden states and gate/up the same MLP input, so a decoder layer needs 4 products, not 7."""
+    out: dict[str, torch.Tensor] = {}
+    for name, x in xs.items():
+        twin = next((n for n in out if xs[n].shape == x.shape and torch.equal(xs[n], x)), None)
+        out[name] = out[twin] if twin is not None else hessian(x)
+    return out
+
+
+# ---------------------------------------------------------------- GPTQ
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upper Cholesky factor of the dampened inverse Hessian (in, in), in float64, and the mask of dead
+    inputs (in,) (always zero in calibration: their weights do not matter). GPTQ and SparseGPT both use it."""
+    h = h.detach().double().clone()  # (in, in)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)  # keeps H invertible
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True), dead
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = None,
+                  symmetric: bool = False, block_size: int = 128, damp: float = 0.01,
+                  factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022) for one weight (out, in) given the Hessian h (in, in).
+
+    Columns are quantized left to right; each column's rounding error is spread over the columns not
+    yet quantized through the inverse Hessian (its upper Cholesky factor). Updates inside a block of
+    `block_size` columns are immediate; the rest of the matrix is updated once per block ("lazy batch").
+    Group scales are computed from the already-updated weights when a group starts. `factor`, from
+    `inverse_hessian_factor(h, damp)`, saves the factorisation when several weights share one Hessian.
+    """
+    if h.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"h must have shape ({w.shape[1]}, {w.shape[1]}) for a weight {tuple(w.shape)}, "
+                         f"got {tuple(h.shape)}.")
+    h_inv, dead = factor if factor is not None else inverse_hessian_factor(h, damp)
+    with single_thread():  # thousands of tiny per-column ops: one thread avoids synchronisation cost
+        return _gptq(w, h_inv.float(), dead, bits, group_size, symmetric, block_size)
+
+
+def _gptq(w: torch.Tensor, h_inv: torch.Tensor, dead: torch.Tensor, bits: int, group_size: int | None,
+          symmetric: bool, block_size: int) -> QuantizedWeight:
+    """The column loop of `gptq_quantize` on the transposed weight (in, out), so that column j of w is the
+    contiguous row j here and each compensation is one rank-1 update (addr_): ~3x faster than on (out, in)."""
+    check_bits(bits)
+    out, inp = w.shape
+    gs = check_group_size(inp, group_size)
+    if block_size % gs and gs % block_size:
+        raise ValueError(f"block_size={block_size} and group_size={gs} must divide one another.")
+    wt = w.detach().float().T.contiguous()  # (in, out)
+    wt[dead] = 0.0
+    codes = torch.zeros(inp, out, dtype=torch.uint8)  # (in, out), transposed back at the end
+    scales, zeros = torch.zeros(inp // gs, out), torch.zeros(inp // gs, out)
+    scale = zero = None
+    for b1 in range(0, inp, block_size):
+        b2 = min(b1 + block_size, inp)
+        blk = wt[b1:b2].clone()  # (B, out) working copy, updated column by column
+        err_blk = torch.zeros_like(blk)  # (B, out) scaled errors, for the lazy update
+        hinv_blk = h_inv[b1:b2, b1:b2]  # (B, B)
+        for i in range(b2 - b1):
+            col = b1 + i
+            if col % gs == 0:  # a new group starts: its scale comes from the weights as updated so far
+                grp = torch.cat([blk[i:], wt[b2:]])[:gs]  # (gs, out)
+                scale, zero = quant_params(grp.T, bits, symmetric)  # (out,)
+                scales[col // gs], zeros[col // gs] = scale, zero
+            q = quantize_codes(blk[i], scale, zero, bits, symmetric)  # (out,)
+            codes[col] = q.to(torch.uint8)
+            err = (blk[i] - (q - zero) * scale) / hinv_blk[i, i]  # (out,) the rounding error, scaled
+            blk[i + 1:].addr_(hinv_blk[i, i + 1:], err, alpha=-1.0)  # (B - i - 1, out) compensate the rest
+            err_blk[i] = err
+        wt[b2:].addmm_(h_inv[b1:b2, b2:].T, err_blk, alpha=-1.0)  # (in - b2, out) the lazy batch update
+    return QuantizedWeight(codes.T.contiguous(), scales.T.contiguous().half(), zeros.T.contiguous().to(torch.uint8),
+                           bits, gs, symmetric)
+
+
+# ---------------------------------------------------------------- AWQ
+
+
+def awq_search_scale(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int | None = None,
+                     symmetric: bool = False, grid: int = 10) -> tuple[torch.Tensor, float, float]:
+    """AWQ (Lin et al. 2023) scale search for one linear: s = mean|x|^alpha per input channel, alpha on a
+    grid in [0, 1); pick the alpha whose quantized Q(W * s) / s gives the smallest output error on x.
+
+    w: (out, in), x: (n, in) calibration inputs. Returns (s (in,), best alpha, best mse).
+    """
+    w, x = w.detach().float(), x.float()
+    act = x.abs().mean(dim=0).clamp(min=1e-6)  # (in,) how large each input channel is on average
+    ref = x @ w.T  # (n, out)
+    best = (torch.ones_like(act), 0.0, float("inf"))
+    for alpha in [i / grid for i in range(grid)]:
+        s = act.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
+        w_q = fake_quantize(w * s, bits, group_size, symmetric) / s  # (out, in)
+        mse = (x @ w_q.T - ref).pow(2).mean().item()
+        if mse < best[2]:
+            best = (s, alpha, mse)
+    return best
+
+
+# ---------------------------------------------------------------- the layer-wise driver
+
+
+@torch.no_grad()
+def quantize_model_layerwise(model: nn.Module, calib_ids: torch.Tensor, method: str, bits: int,
+                             group_size: int | None = 128, symmetric: bool = False,
+                             layers: Iterable[int] | None = None, awq_rows: int = 1024,
+                             log: Callable[[str], None] | None = None) -> dict[str, nn.Module]:
+    """Quantize the decoder linears with 'gptq' or 'awq', one layer at a time, in place.
+
+    Each layer sees the calibration activations produced by the layers before it, already quantized
+    (as in the GPTQ paper). Returns the original modules, for `restore_modules`.
+    """
+    if method not in ("gptq", "awq"):
+        raise ValueError(f"method must be 'gptq' or 'awq', got {method!r}.")
+    check_bits(bits)
+    decoder = decoder_layers(model)
+    chosen = set(range(len(decoder)) if layers is None else layers)
+    if not chosen <= set(range(len(decoder))):
+        raise ValueError(f"layers must be indices in [0, {len(decoder) - 1}], got {sorted(chosen)}.")
+    inputs = capture_layer_inputs(model, calib_ids)
+    hidden, kwargs = inputs.hidden, inputs.kwargs  # (n, t, d), one dict per layer
+    originals: dict[str, nn.Module] = {}
+    for i, layer in enumerate(decoder):
+        if i in chosen:
+            xs = collect_linear_inputs(layer, hidden, kwargs[i], max_rows=awq_rows if method == "awq" else None)
+            new = {}
+            hessians = shared_hessians(xs) if method == "gptq" else {}
+            distinct = {id(h): h for h in hessians.values()}  # q/k/v and gate/up share theirs
+            factors = {key: inverse_hessian_factor(h) for key, h in distinct.items()}  # one per distinct Hessian
+            for name, x in xs.items():
+                linear = layer.get_submodule(name)
+                if method == "gptq":
+                    h = hessians[name]
+                    qw = gptq_quantize(linear.weight, h, bits, group_size, symmetric, factor=factors[id(h)])
+                    new[name] = QuantLinear(qw, linear.bias)
+                else:
+                    s, _, _ = awq_search_scale(linear.weight, x, bits, group_size, symmetric)
+                    qw = quantize_weight(linear.weight.float() * s, bits, group_size, symmetric)
+                    new[name] = QuantLinear(qw, linear.bias, input_scale=s)
+            prefix = f"model.layers.{i}."
+            originals.update({prefix + k: v for k, v in swap_modules(layer, new).items()})
+            if log:
+                log(f"layer {i}: {len(new)} linears quantized with {method}")
+        hidden = layer(hidden, **kwargs[i])  # (n, t, d) inputs of the next layer
+    return originals
