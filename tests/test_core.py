@@ -169,3 +169,16 @@ def test_one_cache_serves_both_protocols(cache_cls):
     batch = cache_cls.for_model(model, 4, batch=2)
     with pytest.raises(ValueError, match="one sequence"):
         batch.read(0, 1)
+
+
+def test_the_layout_check_is_cached_until_the_layers_change():
+    model = tiny("llama")
+    ids = torch.randint(0, 128, (1, 4))
+    core.forward(model, ids)
+    first = model.__dict__["_cookbook_layout"]
+    core.forward(model, ids)
+    assert model.__dict__["_cookbook_layout"] is first  # the same check, not walked again
+    layers = core.decoder_layers(model)
+    set_layers(model, [layers[0]], ["full_attention"])
+    core.forward(model, ids)
+    assert model.__dict__["_cookbook_layout"] is not first  # a new layer list is checked again

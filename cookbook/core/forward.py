@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .cache import KVCache
-from .layout import check_model, decoder, layer_types, layer_window
+from .layout import cached_layout, decoder, layer_types, layer_window
 from .ops import additive_mask, apply_rope, attention, attention_mask, rope_cos_sin, softcap
 
 
@@ -153,7 +153,7 @@ def forward(model: nn.Module, ids: torch.Tensor, cache: KVCache | None = None, l
     With a cache, the t tokens sit at positions [cache.length, cache.length + t) and attend to the cached
     tokens; the cache then advances by t. Without one, the t tokens are the whole sequence.
     """
-    check_model(model)
+    cached_layout(model)
     check_ids(ids)
     start = cache.length if cache is not None else 0
     x = decoder(model).embed_tokens(ids)  # (b, t, D); Gemma scales by sqrt(D) inside its embedding
@@ -201,7 +201,7 @@ def forward_tokens(model: nn.Module, tokens: Sequence[Sequence[int]], caches: Se
                          f"got {len(tokens)} token lists and {len(caches)} caches.")
     if any(len(t) == 0 for t in tokens):
         raise ValueError("Every sequence in the batch needs at least one new token.")
-    check_model(model)
+    cached_layout(model)
     n_new, past = [len(t) for t in tokens], [c.length for c in caches]
     width, total_width = max(n_new), max(p + n for p, n in zip(past, n_new))
     for c, p, n in zip(caches, past, n_new):

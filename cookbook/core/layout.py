@@ -78,6 +78,16 @@ def check_model(model: nn.Module) -> Layout:
                   final_softcap=getattr(config, "final_logit_softcapping", None))
 
 
+def cached_layout(model: nn.Module) -> Layout:
+    """`check_model` once per decoder stack: the forward passes call this every step, so the full walk over
+    every layer's parts (~0.7 ms for Gemma 3 270M) runs again only when the layer list itself is replaced."""
+    key = (id(decoder_layers(model)), len(decoder_layers(model)))
+    cached = model.__dict__.get("_cookbook_layout")  # not a submodule or buffer: stored beside them
+    if cached is None or cached[0] != key:
+        cached = model.__dict__["_cookbook_layout"] = (key, check_model(model))
+    return cached[1]
+
+
 def layer_types(config) -> list[str]:
     """Each layer's attention type: the config's `layer_types`, or one type for all layers (sliding where the
     config sets a window for every layer, as Mistral does)."""
