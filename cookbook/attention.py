@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .core import attention_mask, decoder_layers, kv_cache_bytes_per_token, layer_windows
+from .core import decoder_layers, kv_cache_bytes_per_token, layer_windows
+from .core import attention_mask as visible_keys  # the core's rule; `attention_mask` below is a model's mask
 from .errors import require_cuda
 
 ATTENTION_NAME = "cookbook_pattern"
@@ -99,10 +100,10 @@ def _ungrouped(x: torch.Tensor) -> torch.Tensor:
 
 def causal_mask(t: int, s: int | None = None, device=None) -> torch.Tensor:
     """(t, s) bool: query i (at position s - t + i) sees keys at positions <= its own. The rule itself is
-    the model core's (`core.attention_mask`), which every forward pass uses."""
+    the model core's (`core.attention_mask`, imported here as `visible_keys`), which every forward pass uses."""
     s = t if s is None else s
     _check_causal_lengths(t, s)
-    return attention_mask(torch.arange(s - t, s, device=device), torch.arange(s, device=device), None)  # (t, s)
+    return visible_keys(torch.arange(s - t, s, device=device), torch.arange(s, device=device), None)  # (t, s)
 
 
 def sliding_window_mask(t: int, window: int, s: int | None = None, device=None) -> torch.Tensor:
@@ -110,7 +111,7 @@ def sliding_window_mask(t: int, window: int, s: int | None = None, device=None) 
     check_window(window)
     s = t if s is None else s
     _check_causal_lengths(t, s)
-    return attention_mask(torch.arange(s - t, s, device=device), torch.arange(s, device=device), window)  # (t, s)
+    return visible_keys(torch.arange(s - t, s, device=device), torch.arange(s, device=device), window)  # (t, s)
 
 
 def block_sparse_layout(n_blocks: int, local_blocks: int = 1, global_blocks: int = 1) -> torch.Tensor:

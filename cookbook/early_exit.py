@@ -18,16 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cookbook import decoding as dec
-from cookbook.core import (
-    KVCache,
-    check_model,
-    decoder_layer,
-    decoder_layers,
-    final_logits,
-    layer_types,
-    softcap_logits,
-    step_context,
-)
+from cookbook.core import (KVCache, check_model, decoder_layer, decoder_layers, final_logits, layer_types,
+                           softcap_logits, step_context)
 from cookbook.core.forward import project_kv
 
 

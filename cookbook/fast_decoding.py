@@ -22,19 +22,8 @@ import torch
 from torch import nn
 
 from cookbook import decoding as dec
-from cookbook.core import (
-    KVCache,
-    StepContext,
-    attention_mask,
-    check_model,
-    decoder_layer,
-    decoder_layers,
-    final_logits,
-    layer_types,
-    layer_window,
-    rope_cos_sin,
-    softcap_logits,
-)
+from cookbook.core import (KVCache, StepContext, attention_mask, check_model, decoder_layer, decoder_layers,
+                           final_logits, layer_types, layer_window, rope_cos_sin, softcap_logits)
 
 
 def static_context(config, pos: torch.Tensor, max_len: int,

@@ -29,15 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import (
-    LINEAR_NAMES,
-    capture_layer_inputs,
-    decoder_layers,
-    decoder_linears,
-    layer_types,
-    linear_key,
-    run_layer,
-)
+from .core import (LINEAR_NAMES, capture_layer_inputs, decoder_layers, decoder_linears, layer_types, linear_key,
+                   run_layer)
 from .core.layout import set_layers
 from .core.train import adamw_loop
 from .errors import require_cuda
