@@ -7,6 +7,7 @@
     python -m cookbook info                 # model, device and versions
     python -m cookbook bench                # measure every technique, write reports/<device>.md/.json/.png
     python -m cookbook bench --device cuda --model google/gemma-3-1b-pt
+    python -m cookbook optimize --max-mib 200   # a mixed-precision recipe under a budget, as JSON
 """
 
 from __future__ import annotations
@@ -154,6 +155,39 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     return bench
 
 
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from .errors import CookbookError
+    from .optimize import Budget
+    from .optimize.command import optimize_command
+
+    if args.max_mib is None and args.max_ppl_increase is None and args.min_decode_x is None:
+        print("error: give a budget: --max-mib, --max-ppl-increase and/or --min-decode-x.", file=sys.stderr)
+        return 2
+    try:
+        budget = Budget(None if args.max_mib is None else int(args.max_mib * 2**20),
+                        None if args.max_ppl_increase is None else args.max_ppl_increase / 100, args.min_decode_x)
+        optimize_command(args.model, budget, args.quick, args.out, args.profile, args.candidates)
+    except (CookbookError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_optimize_parser(sub) -> argparse.ArgumentParser:
+    opt = sub.add_parser("optimize", help="find a mixed-precision recipe (format per linear) under a budget")
+    opt.add_argument("--max-mib", type=float, help="at most this many MiB held by the whole model")
+    opt.add_argument("--max-ppl-increase", type=float, metavar="PERCENT",
+                     help="perplexity at most this many percent above the float32 model's (e.g. 10)")
+    opt.add_argument("--min-decode-x", type=float, help="decode at least this many times the float32 model's speed")
+    opt.add_argument("--model", help="model alias, local directory or Hugging Face id (default: Gemma 3 270M)")
+    opt.add_argument("--quick", action="store_true", help="fewer calibration / profile tokens and candidates")
+    opt.add_argument("--candidates", type=int, help="plans built and measured (default 5; 3 with --quick)")
+    opt.add_argument("--out", default="recipe.json", help="where the JSON recipe goes (default: recipe.json)")
+    opt.add_argument("--profile", help="JSON file to reuse the sensitivity profile from (written if absent)")
+    opt.set_defaults(func=cmd_optimize)
+    return opt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cookbook", description="Run the LLM Efficiency Cookbook.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,5 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the notebooks in order").set_defaults(func=cmd_list)
     sub.add_parser("info", help="model, device and versions").set_defaults(func=cmd_info)
     add_bench_parser(sub)
+    add_optimize_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)

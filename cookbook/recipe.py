@@ -13,13 +13,18 @@ Every stage changes the model in place by calling the technique's own module (`p
 
 The KV cache and continuous batching change how the result is run, not its weights; the notebook and
 `bench.bench_recipe` apply them to the recipe's output.
+
+A mixed-precision recipe, one format per linear found by `python -m cookbook optimize` and saved as JSON, is
+rebuilt on a fresh model by `apply_mixed_recipe`.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -162,3 +167,43 @@ def apply_recipe(teacher: nn.Module, tokenizer, recipe: Recipe = Recipe(),
         if after_stage is not None:
             after_stage(name, work, result)
     return work
+
+
+# ---------------------------------------------------------------- a mixed-precision recipe found by the optimizer
+
+
+def load_mixed_recipe(source) -> dict:
+    """A recipe written by `python -m cookbook optimize` (a path or the dict itself), checked field by field."""
+    from .optimize import HEAD_FORMATS, LINEAR_FORMATS, RECIPE_KIND
+
+    if not isinstance(source, dict):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"No recipe at {path}; write one with `python -m cookbook optimize --out {path}`.")
+        source = json.loads(path.read_text())
+    if source.get("kind") != RECIPE_KIND or source.get("version") != 1:
+        raise ValueError(f"Not a version-1 {RECIPE_KIND!r} (kind={source.get('kind')!r}, "
+                         f"version={source.get('version')!r}); write one with `python -m cookbook optimize`.")
+    bad = sorted({f for f in source["linears"].values() if f not in LINEAR_FORMATS})
+    if bad or source.get("head") not in HEAD_FORMATS:
+        raise ValueError(f"Unknown formats in the recipe: linears {bad}, head {source.get('head')!r}; linears take "
+                         f"{list(LINEAR_FORMATS)} and the head {list(HEAD_FORMATS)}.")
+    return source
+
+
+def apply_mixed_recipe(model: nn.Module, tokenizer, source) -> nn.Module:
+    """A copy of the float `model` (left unchanged) in a mixed recipe's formats: GPTQ on the recipe's calibration
+    windows, every layer on the float model's activations, as the optimizer measured it; packed kernels where
+    a format has one."""
+    from .optimize import Plan, apply_plan, gptq_option
+
+    spec = load_mixed_recipe(source)
+    cal, gs = spec["calibration"], spec["group_size"]
+    extra = sorted(set(spec["linears"]) - set(Q.decoder_linears(model)))
+    if extra:
+        raise ValueError(f"The recipe names linears this model lacks ({extra[:3]}); it was made for "
+                         f"{spec.get('model')!r}.")
+    calib = calibration_batch(tokenizer, cal["samples"], cal["seq_len"], seed=cal["seed"], text=cal["text"])
+    wanted = {name: [gptq_option(fmt, gs)] for name, fmt in spec["linears"].items()}
+    weights = Q.gptq_options(model, calib.to(model.device), wanted)
+    return apply_plan(copy.deepcopy(model), Plan(spec["linears"], spec["head"]), weights, gs)

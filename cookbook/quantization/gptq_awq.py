@@ -4,7 +4,7 @@ runs them over the decoder."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -195,3 +195,44 @@ def quantize_model_layerwise(model: nn.Module, calib_ids: torch.Tensor, method: 
                 log(f"layer {i}: {len(new)} linears quantized with {method}")
         hidden = layer(hidden, **kwargs[i])  # (n, t, d) inputs of the next layer
     return originals
+
+
+Option = tuple[int, int | None]  # (bits, group_size); group_size None = one scale per output channel
+
+
+@torch.no_grad()
+def gptq_options(model: nn.Module, calib_ids: torch.Tensor, wanted: Mapping[str, Sequence[Option]],
+                 symmetric: bool = False, on_layer: Callable[[int], None] | None = None
+                 ) -> dict[tuple[str, Option], QuantizedWeight]:
+    """GPTQ of chosen decoder linears at one or more (bits, group_size) each; the model is not changed.
+
+    `wanted` maps full names ("model.layers.3.mlp.up_proj") to the options to compute. Unlike
+    `quantize_model_layerwise`, every layer is calibrated on the FLOAT model's activations, so each weight's
+    codes depend only on its own option: a mixed-precision search can price each linear alone and combine
+    any choice afterwards. One Hessian factorisation serves every option of a linear (and its q/k/v or
+    gate/up siblings). Returns {(name, option): QuantizedWeight}.
+    """
+    decoder = decoder_layers(model)
+    known = {f"model.layers.{i}.{n}" for i in range(len(decoder)) for n in LINEAR_NAMES}
+    unknown = sorted(set(wanted) - known)
+    if unknown:
+        raise ValueError(f"Not decoder linears of this model: {unknown[:3]}; names look like "
+                         f"'model.layers.0.{LINEAR_NAMES[0]}'.")
+    inputs = capture_layer_inputs(model, calib_ids)
+    hidden, kwargs = inputs.hidden, inputs.kwargs  # (n, t, d), one dict per layer
+    out: dict[tuple[str, Option], QuantizedWeight] = {}
+    last = max((int(n.split(".")[2]) for n in wanted), default=-1)
+    for i, layer in enumerate(decoder[: last + 1]):
+        prefix = f"model.layers.{i}."
+        names = [n for n in LINEAR_NAMES if prefix + n in wanted]
+        if names:
+            hessians = shared_hessians(collect_linear_inputs(layer, hidden, kwargs[i]))
+            factors = {id(h): inverse_hessian_factor(h) for h in hessians.values()}
+            for name in names:
+                h, w = hessians[name], layer.get_submodule(name).weight
+                for bits, gs in wanted[prefix + name]:
+                    out[prefix + name, (bits, gs)] = gptq_quantize(w, h, bits, gs, symmetric, factor=factors[id(h)])
+        if on_layer:
+            on_layer(i)
+        hidden = layer(hidden, **kwargs[i])  # (n, t, d) the float inputs of the next layer
+    return out
