@@ -163,10 +163,17 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.max_mib is None and args.max_ppl_increase is None and args.min_decode_x is None:
         print("error: give a budget: --max-mib, --max-ppl-increase and/or --min-decode-x.", file=sys.stderr)
         return 2
+    bad = [f"--{name.replace('_', '-')} {v}" for name in ("max_mib", "max_ppl_increase", "min_decode_x", "candidates")
+           if (v := getattr(args, name)) is not None and not v > 0]
+    if bad:
+        print(f"error: {', '.join(bad)}: each limit must be a positive number (--max-ppl-increase in percent, "
+              "e.g. 10).", file=sys.stderr)
+        return 2
     try:
         budget = Budget(None if args.max_mib is None else int(args.max_mib * 2**20),
                         None if args.max_ppl_increase is None else args.max_ppl_increase / 100, args.min_decode_x)
-        optimize_command(args.model, budget, args.quick, args.out, args.profile, args.candidates)
+        heads = tuple(h.strip() for h in args.head_formats.split(",")) if args.head_formats else None
+        optimize_command(args.model, budget, args.quick, args.out, args.profile, args.candidates, heads)
     except (CookbookError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -182,6 +189,7 @@ def add_optimize_parser(sub) -> argparse.ArgumentParser:
     opt.add_argument("--model", help="model alias, local directory or Hugging Face id (default: Gemma 3 270M)")
     opt.add_argument("--quick", action="store_true", help="fewer calibration / profile tokens and candidates")
     opt.add_argument("--candidates", type=int, help="plans built and measured (default 5; 3 with --quick)")
+    opt.add_argument("--head-formats", help="comma-separated table formats to consider (default: float32,int8,int4)")
     opt.add_argument("--out", default="recipe.json", help="where the JSON recipe goes (default: recipe.json)")
     opt.add_argument("--profile", help="JSON file to reuse the sensitivity profile from (written if absent)")
     opt.set_defaults(func=cmd_optimize)

@@ -279,7 +279,7 @@ class PackedInt4TiedTable(nn.Module):
                  chunk: int = 32768) -> None:
         super().__init__()
         vocab, d = weight.shape
-        reason = _int4_table_problem(vocab, d, group_size, weight.device)
+        reason = int4_table_problem(vocab, d, group_size, weight.device)
         if reason:
             raise ValueError(f"No int4 tied table here: {reason}.")
         packed, scales = [], []
@@ -305,7 +305,7 @@ class PackedInt4TiedTable(nn.Module):
         return out.to(h.dtype).reshape(*h.shape[:-1], -1)  # (..., V)
 
 
-def _int4_table_problem(vocab: int, d: int, group_size: int, device: torch.device) -> str | None:
+def int4_table_problem(vocab: int, d: int, group_size: int, device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"the int4 kernel here is a CPU kernel; the table is on {device.type}"
     if not packed_support()["int4"]:

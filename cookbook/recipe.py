@@ -176,14 +176,24 @@ def load_mixed_recipe(source) -> dict:
     """A recipe written by `python -m cookbook optimize` (a path or the dict itself), checked field by field."""
     from .optimize import HEAD_FORMATS, LINEAR_FORMATS, RECIPE_KIND
 
-    if not isinstance(source, dict):
+    if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"No recipe at {path}; write one with `python -m cookbook optimize --out {path}`.")
-        source = json.loads(path.read_text())
-    if source.get("kind") != RECIPE_KIND or source.get("version") != 1:
+        try:
+            source = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not JSON ({err}); write a recipe with `python -m cookbook optimize`.") from None
+    if not isinstance(source, dict) or source.get("kind") != RECIPE_KIND or source.get("version") != 1:
+        source = source if isinstance(source, dict) else {}
         raise ValueError(f"Not a version-1 {RECIPE_KIND!r} (kind={source.get('kind')!r}, "
                          f"version={source.get('version')!r}); write one with `python -m cookbook optimize`.")
+    missing = [k for k in ("linears", "head", "group_size", "calibration") if k not in source]
+    missing += [f"calibration.{k}" for k in ("text", "samples", "seq_len", "seed")
+                if "calibration" in source and k not in source["calibration"]]
+    if missing or not isinstance(source.get("linears"), dict):
+        raise ValueError(f"The recipe lacks {missing or ['a linears mapping']}; write it again with "
+                         "`python -m cookbook optimize`.")
     bad = sorted({f for f in source["linears"].values() if f not in LINEAR_FORMATS})
     if bad or source.get("head") not in HEAD_FORMATS:
         raise ValueError(f"Unknown formats in the recipe: linears {bad}, head {source.get('head')!r}; linears take "

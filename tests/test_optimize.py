@@ -145,11 +145,18 @@ def test_a_bad_recipe_says_what_is_wrong(tmp_path, tiny):
         R.load_mixed_recipe(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="version-1"):
         R.load_mixed_recipe({"kind": "something else"})
-    good = {"kind": O.RECIPE_KIND, "version": 1, "head": "int8", "linears": {"model.layers.0.mlp.up_proj": "int5"}}
+    good = {"kind": O.RECIPE_KIND, "version": 1, "head": "int8", "linears": {"model.layers.0.mlp.up_proj": "int5"},
+            "group_size": 32, "calibration": {"text": "shakespeare_train", "samples": 1, "seq_len": 16, "seed": 0}}
     with pytest.raises(ValueError, match="int5"):
         R.load_mixed_recipe(good)
-    wrong = good | {"linears": {"model.layers.7.mlp.up_proj": "int4"}, "group_size": 32,
-                    "calibration": {"text": "shakespeare_train", "samples": 1, "seq_len": 16, "seed": 0}}
+    with pytest.raises(ValueError, match="calibration.seed"):
+        R.load_mixed_recipe(good | {"calibration": {"text": "shakespeare_train", "samples": 1, "seq_len": 16}})
+    with pytest.raises(ValueError, match="version-1"):
+        R.load_mixed_recipe([1, 2])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        R.load_mixed_recipe(tmp_path / "bad.json")
+    wrong = good | {"linears": {"model.layers.7.mlp.up_proj": "int4"}}
     with pytest.raises(ValueError, match="lacks"):
         R.apply_mixed_recipe(model, tok, wrong)
 
@@ -164,7 +171,21 @@ def test_the_cli_asks_for_a_budget(capsys):
     assert main(["optimize"]) == 2
     assert "--max-mib" in capsys.readouterr().err
     assert main(["optimize", "--max-mib", "-3"]) == 2
-    assert "positive" in capsys.readouterr().err
+    assert "--max-mib -3.0" in capsys.readouterr().err
+    assert main(["optimize", "--max-ppl-increase", "-5"]) == 2
+    assert "percent" in capsys.readouterr().err
+
+
+def test_an_untied_head_is_refused_before_any_work(tiny):
+    untied = tiny_model(num_layers=2)
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    with pytest.raises(ValueError, match="head_formats=\\('float32',\\)"):
+        O.profile_model(untied, tiny[1], SETTINGS, progress=False)
+
+
+def test_a_large_byte_limit_is_clamped_to_what_the_search_can_use(profiled):
+    profile, _ = profiled
+    assert O.search.capacity_for(profile, 10**15) == O.search.capacity_for(profile, None)
 
 
 def test_settings_are_checked():
@@ -182,6 +203,9 @@ def test_a_saved_profile_is_reused_only_for_the_same_model_and_measurement(profi
     assert load_profile(path, "tiny", replace(SETTINGS, group_size=64)) is None
     assert load_profile(path, "other", SETTINGS) is None
     assert load_profile(tmp_path / "absent.json", "tiny", SETTINGS) is None
+    (tmp_path / "recipe.json").write_text(json.dumps({"kind": O.RECIPE_KIND}))
+    with pytest.raises(ValueError, match="not a profile"):
+        load_profile(tmp_path / "recipe.json", "tiny", SETTINGS)
 
 
 def test_remeasured_kls_match_the_profile(profiled, tiny):

@@ -23,9 +23,15 @@ def load_profile(path: Path, model_name: str, settings: OptimizeSettings) -> Pro
     """A profile saved by an earlier run for this model and these settings, else None."""
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+        stored = saved["profile"]["settings"]
+        Profile.from_dict(saved["profile"])  # every field present
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a profile written by `python -m cookbook optimize --profile` ({err!r}); "
+                         "point --profile at a new file or delete this one.") from None
     wanted = json.loads(json.dumps(asdict(settings) | {"protocol": settings.protocol.describe()}))
-    same = all(saved["profile"]["settings"].get(k) == wanted[k] for k in PROFILE_FIELDS)
+    same = all(stored.get(k) == wanted[k] for k in PROFILE_FIELDS)
     if saved.get("model") != model_name or not same:
         print(f"{path} was measured for another model or other settings; profiling again.", file=sys.stderr)
         return None
@@ -33,7 +39,8 @@ def load_profile(path: Path, model_name: str, settings: OptimizeSettings) -> Pro
 
 
 def optimize_command(model_name: str | None, budget: Budget, quick: bool, out: str, profile_path: str | None,
-                     n_candidates: int | None = None, progress: bool = True) -> dict:
+                     n_candidates: int | None = None, head_formats: tuple[str, ...] | None = None,
+                     progress: bool = True) -> dict:
     """What `python -m cookbook optimize` runs; returns the recipe it wrote."""
     import transformers
 
@@ -45,6 +52,7 @@ def optimize_command(model_name: str | None, budget: Budget, quick: bool, out: s
     transformers.utils.logging.disable_progress_bar()
     settings = replace(OptimizeSettings(), **QUICK) if quick else OptimizeSettings()
     settings = replace(settings, candidates=n_candidates) if n_candidates else settings
+    settings = replace(settings, head_formats=head_formats) if head_formats else settings
     set_seed(0)
     model, tok = load_model(model_name, device="cpu")  # the packed kernels it prices are CPU kernels
     name = resolve_name(model_name)

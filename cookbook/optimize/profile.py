@@ -8,6 +8,7 @@ held-out windows of the training text), and the seconds it takes in one decode s
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -17,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels as K
 from .. import quantization as Q
+from ..bench.rows import bench_prompt
 from ..bench.settings import BenchSettings
 from ..core import capture_layer_inputs, decoder, decoder_layers, decoder_linears, final_logits
-from ..data import calibration_batch, encode, load_text, with_bos
+from ..data import calibration_batch
 from ..evaluate import PerplexityProtocol, perplexity
 from ..measure import measure_generation, model_bytes, time_function
 from .space import HEAD, HEAD_FORMATS, LINEAR_FORMATS, apply_head, check_formats, gptq_option, served_linear
@@ -99,24 +102,45 @@ class Profile:
 # ---------------------------------------------------------------- KL of one part at a time
 
 
+@dataclass
+class Reference:
+    """The float model on the held-out windows: the ids (n, t), the hidden states entering each decoder layer and
+    the final norm (L + 1 tensors (n, t, D)), each layer's keyword arguments, and next-token log-probabilities
+    (n * t, V) computed layer by layer (`base`, against which a changed linear is compared) and by the whole model
+    (`base_full`, against which a changed table is compared: it changes the embedding lookup too)."""
+
+    ids: torch.Tensor
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+    base: torch.Tensor
+    base_full: torch.Tensor
+
+
 @torch.no_grad()
-def layer_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
-    """The float hidden states entering each decoder layer and the final norm: L + 1 tensors (n, t, D)."""
+def reference(model: nn.Module, ids: torch.Tensor) -> Reference:
     captured = capture_layer_inputs(model, ids)
     hidden = [captured.hidden]
     for layer, kw in zip(decoder_layers(model), captured.kwargs):
         hidden.append(layer(hidden[-1], **kw))
-    return hidden, captured.kwargs
+    ref = Reference(ids, hidden, captured.kwargs, torch.empty(0), torch.empty(0))
+    ref.base, ref.base_full = log_probs_from(model, ref, len(hidden) - 1), full_log_probs(model, ids)
+    return ref
 
 
 @torch.no_grad()
-def log_probs_from(model: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], start: int) -> torch.Tensor:
+def log_probs_from(model: nn.Module, ref: Reference, start: int) -> torch.Tensor:
     """Next-token log-probabilities (n * t, V), running the decoder from layer `start` on its float input."""
-    x = hidden[start]  # (n, t, D)
-    for layer, kw in zip(decoder_layers(model)[start:], kwargs[start:]):
+    x = ref.hidden[start]  # (n, t, D)
+    for layer, kw in zip(decoder_layers(model)[start:], ref.kwargs[start:]):
         x = layer(x, **kw)
     logits = final_logits(model, decoder(model).norm(x))  # (n, t, V)
     return F.log_softmax(logits.float().flatten(0, 1), dim=-1)  # (n * t, V)
+
+
+@torch.no_grad()
+def full_log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities (n * t, V) of the whole model, embedding lookup included."""
+    return F.log_softmax(model(input_ids=ids).logits.float().flatten(0, 1), dim=-1)
 
 
 def mean_kl(base: torch.Tensor, new: torch.Tensor) -> float:
@@ -125,29 +149,30 @@ def mean_kl(base: torch.Tensor, new: torch.Tensor) -> float:
     return max(0.0, F.kl_div(new, base, log_target=True, reduction="batchmean").item())
 
 
-def part_kl(model: nn.Module, weights: dict, settings: OptimizeSettings, hidden, kwargs, base: torch.Tensor,
-            part: str, fmt: str) -> float:
-    """KL of the model with only `part` (a decoder linear's full name, or "lm_head") in `fmt`, the rest float."""
+def part_kl(model: nn.Module, weights: dict, settings: OptimizeSettings, ref: Reference, part: str, fmt: str) -> float:
+    """KL of the model with only `part` (a decoder linear's full name, or "lm_head": the tied table, so the
+    embedding lookup and the head) in `fmt`, the rest float."""
     if part == HEAD:
         with head_format(model, fmt):
-            return mean_kl(base, log_probs_from(model, hidden, kwargs, len(hidden) - 1))  # the final norm + head
+            return mean_kl(ref.base_full, full_log_probs(model, ref.ids))
     linear = model.get_submodule(part)
     new = served_linear(weights[part, gptq_option(fmt, settings.group_size)], linear.bias)
     originals = Q.swap_modules(model, {part: new})
     try:
-        return mean_kl(base, log_probs_from(model, hidden, kwargs, int(part.split(".")[2])))
+        return mean_kl(ref.base, log_probs_from(model, ref, int(part.split(".")[2])))
     finally:
         Q.restore_modules(model, originals)
 
 
-def linear_kls(model: nn.Module, weights: dict, settings: OptimizeSettings, hidden, kwargs, base: torch.Tensor,
-               tick: Callable[[], None]) -> dict[tuple[str, str], float]:
-    """`part_kl` of every decoder linear in every linear format."""
+def all_kls(model: nn.Module, weights: dict, settings: OptimizeSettings, ref: Reference,
+            tick: Callable[[], None]) -> dict[tuple[str, str], float]:
+    """`part_kl` of every decoder linear in every linear format and of the table in every head format."""
+    parts = [(n, f) for n in decoder_linears(model) for f in settings.linear_formats]
+    parts += [(HEAD, f) for f in settings.head_formats]
     out = {}
-    for name in decoder_linears(model):
-        for fmt in settings.linear_formats:
-            out[name, fmt] = part_kl(model, weights, settings, hidden, kwargs, base, name, fmt)
-            tick()
+    for part, fmt in parts:
+        out[part, fmt] = part_kl(model, weights, settings, ref, part, fmt)
+        tick()
     return out
 
 
@@ -155,10 +180,8 @@ def linear_kls(model: nn.Module, weights: dict, settings: OptimizeSettings, hidd
 def remeasure_kls(model: nn.Module, tokenizer, weights: dict, settings: OptimizeSettings,
                   parts: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
     """`part_kl` of a few (part, format) pairs, from scratch: to check a saved profile on this machine."""
-    held_out = calibration_windows(tokenizer, settings)[1].to(model.device)
-    hidden, kwargs = layer_inputs(model, held_out)
-    base = log_probs_from(model, hidden, kwargs, len(hidden) - 1)  # (n * t, V)
-    return {(part, fmt): part_kl(model, weights, settings, hidden, kwargs, base, part, fmt) for part, fmt in parts}
+    ref = reference(model, calibration_windows(tokenizer, settings)[1].to(model.device))
+    return {(part, fmt): part_kl(model, weights, settings, ref, part, fmt) for part, fmt in parts}
 
 
 @torch.no_grad()
@@ -166,19 +189,6 @@ def head_step_s(model: nn.Module) -> float:
     """Seconds the LM head takes on one decode token."""
     h = torch.randn(1, 1, model.config.hidden_size)  # (b, t, D)
     return time_function(lambda: model.lm_head(h), warmup=2, repeats=10).median_s
-
-
-def head_costs(model: nn.Module, settings: OptimizeSettings, hidden, kwargs, base: torch.Tensor,
-               tick: Callable[[], None]) -> dict[str, tuple[int, float]]:
-    """(bytes, KL) of the tied table in each head format, swapped in and back out."""
-    others = model_bytes(model) - model_bytes(model.get_input_embeddings())
-    out = {}
-    for fmt in settings.head_formats:
-        with head_format(model, fmt):
-            held = model_bytes(model) - others
-        out[fmt] = (held, part_kl(model, {}, settings, hidden, kwargs, base, HEAD, fmt))
-        tick()
-    return out
 
 
 @contextmanager
@@ -201,47 +211,43 @@ def kind_of(name: str) -> str:
 
 
 @torch.no_grad()
-def linear_step_seconds(modules: list[nn.Module], in_features: int) -> float:
-    """Seconds one module of `modules` takes on one token, timed as a pass over all of them: together they
-    exceed the caches as a decode step's weights do, so each is read from memory, not from a warm cache."""
-    x = torch.randn(1, 1, in_features)  # (b, t, in) one decode token
-    timing = time_function(lambda: [m(x) for m in modules], warmup=2, repeats=7)
-    return timing.median_s / len(modules)
+def module_seconds(modules: dict[str, nn.Module], repeats: int = 7) -> dict[str, float]:
+    """Each module's seconds on one decode token (median of `repeats`), timed one by one inside passes over all of
+    them in model order, with 256 MiB of other memory read between passes: as in a decode step, each weight comes
+    from memory, not from a cache still warm from the last call."""
+    xs = {n: torch.randn(1, 1, m.in_features) for n, m in modules.items()}  # (b, t, in) one token each
+    flush = torch.ones(2**26)  # 256 MiB, read between passes to evict the caches
+    times: dict[str, list[float]] = {n: [] for n in modules}
+    for r in range(repeats + 1):  # the first pass warms up
+        flush.sum()
+        for n, m in modules.items():
+            start = time.perf_counter()
+            m(xs[n])
+            if r:
+                times[n].append(time.perf_counter() - start)
+    return {n: statistics.median(v) for n, v in times.items()}
 
 
 def linear_costs(model: nn.Module, weights: dict, settings: OptimizeSettings,
                  tick: Callable[[], None]) -> tuple[dict[tuple[str, str], tuple[int, float]], dict[str, float]]:
-    """{(name, fmt): (bytes served, step seconds)} and {name: float step seconds}, timed kind by kind."""
+    """{(name, fmt): (bytes served, step seconds)} of every decoder linear, and {name: float step seconds}."""
     linears = decoder_linears(model)
-    kinds: dict[str, list[str]] = {}
-    for name in linears:
-        kinds.setdefault(kind_of(name), []).append(name)
-    out, floats = {}, {}
-    for names in kinds.values():
-        in_features = linears[names[0]].in_features
-        t_float = linear_step_seconds([linears[n] for n in names], in_features)
-        floats |= {n: t_float for n in names}
-        for fmt in settings.linear_formats:
-            served = {n: served_linear(weights[n, gptq_option(fmt, settings.group_size)], linears[n].bias)
-                      for n in names}
-            t = linear_step_seconds(list(served.values()), in_features)
-            out |= {(n, fmt): (model_bytes(m), t) for n, m in served.items()}
-            tick()
+    floats, out = module_seconds(linears), {}
+    for fmt in settings.linear_formats:
+        served = {n: served_linear(weights[n, gptq_option(fmt, settings.group_size)], m.bias)
+                  for n, m in linears.items()}
+        out |= {(n, fmt): (model_bytes(served[n]), t) for n, t in module_seconds(served).items()}
+        tick()
     return out, floats
 
 
 # ---------------------------------------------------------------- the whole profile
 
 
-def bench_prompt_ids(tokenizer, settings: OptimizeSettings) -> torch.Tensor:
-    """BOS + the first `prompt_tokens` tokens of the protocol's text, as the bench's decode prompt: (1, t)."""
-    return with_bos(tokenizer, encode(tokenizer, load_text(settings.protocol.text), settings.prompt_tokens)[None])
-
-
 def decode_step_s(model: nn.Module, tokenizer, settings: OptimizeSettings) -> float:
-    """Seconds per greedy decode step (best of `repeats`), as the bench measures decode; when noise hides the
+    """Seconds per greedy decode step (best of `repeats`) from the bench's prompt, as the bench measures decode; when noise hides the
     decode steps (a very small model), the whole generation's seconds per token instead, an upper bound."""
-    speed = measure_generation(model, bench_prompt_ids(tokenizer, settings), settings.new_tokens, warmup=1,
+    speed = measure_generation(model, bench_prompt(tokenizer, settings, model.device), settings.new_tokens, warmup=1,
                                repeats=settings.repeats, statistic="min")
     step = speed.decode_s_per_token
     return step if math.isfinite(step) else speed.generate_s / speed.new_tokens
@@ -262,26 +268,41 @@ def gptq_weights(model: nn.Module, calib: torch.Tensor, settings: OptimizeSettin
 
 def step_seconds(model: nn.Module, tokenizer, weights: dict, settings: OptimizeSettings,
                  tick: Callable[[], None] = lambda: None) -> tuple[dict, int, float, float]:
-    """What a decode step costs here: {(part, fmt): (bytes, seconds)}, the bytes outside the parts, the float
-    model's step and the rest of it (attention, norms, sampling, Python: what no format changes)."""
+    """What each part holds and costs in a decode step here: {(part, fmt): (bytes as served, seconds)}, the bytes
+    outside the parts, the float model's step and the rest of it (attention, norms, sampling, Python: what no
+    format changes). Bytes are measured here too: a packed kernel's layout depends on the torch build."""
     costs, float_s = linear_costs(model, weights, settings, tick)
+    others = model_bytes(model) - model_bytes(model.get_input_embeddings())  # all but the tied table
     for fmt in settings.head_formats:
         with head_format(model, fmt):
-            costs["lm_head", fmt] = (0, head_step_s(model))  # the head's bytes come from `head_costs`
+            costs[HEAD, fmt] = (model_bytes(model) - others, head_step_s(model))
         tick()
     base_step = decode_step_s(model, tokenizer, settings)
-    rest = base_step - sum(float_s.values()) - head_step_s(model)
-    fixed = model_bytes(model) - model_bytes(model.get_input_embeddings()) \
-        - sum(model_bytes(m) for m in decoder_linears(model).values())
+    rest = max(0.0, base_step - sum(float_s.values()) - head_step_s(model))  # >= 0 even when timings disagree
+    fixed = others - sum(model_bytes(m) for m in decoder_linears(model).values())
     return costs, fixed, base_step, rest
 
 
 def retime(profile: Profile, model: nn.Module, tokenizer, weights: dict, settings: OptimizeSettings) -> Profile:
-    """`profile` with every decode time measured again on this machine (bytes and KL carry over: they are the
-    model's, the seconds are the machine's)."""
-    costs, _, base_step, rest = step_seconds(model, tokenizer, weights, settings)
-    return replace(profile, costs=[replace(c, step_s=costs[c.part, c.fmt][1]) for c in profile.costs],
-                   base_step_s=base_step, rest_step_s=rest)
+    """`profile` with every part's bytes and decode time measured again on this machine (its KLs carry over: they
+    are the model's; the seconds are the machine's, and the served bytes the torch build's)."""
+    costs, fixed, base_step, rest = step_seconds(model, tokenizer, weights, settings)
+    return replace(profile, costs=[replace(c, bytes=costs[c.part, c.fmt][0], step_s=costs[c.part, c.fmt][1])
+                                   for c in profile.costs], fixed_bytes=fixed, base_step_s=base_step, rest_step_s=rest)
+
+
+def check_profilable(model: nn.Module, settings: OptimizeSettings) -> None:
+    """Refuse, before minutes of work, a model or head format the profile cannot price."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+    if not tied and set(settings.head_formats) != {"float32"}:
+        raise ValueError("This model's head is not tied to its embedding; the int8 / int4 table formats need a tied "
+                         "table. Profile it with head_formats=('float32',) (CLI: --head-formats float32).")
+    if "int4" in settings.head_formats:
+        problem = K.int4_table_problem(emb.weight.shape[0], emb.weight.shape[1], 32, emb.weight.device)
+        if problem:
+            raise ValueError(f"No int4 table here: {problem}. Leave it out: head_formats=('float32', 'int8') "
+                             "(CLI: --head-formats float32,int8).")
 
 
 def reuse_profile(profile: Profile, model: nn.Module, tokenizer, settings: OptimizeSettings) -> tuple[Profile, dict]:
@@ -299,24 +320,20 @@ def profile_model(model: nn.Module, tokenizer, settings: OptimizeSettings | None
     from tqdm.auto import tqdm
 
     settings, started = settings or OptimizeSettings(), time.perf_counter()
+    check_profilable(model, settings)
     linears = decoder_linears(model)
     calib, held_out = (t.to(model.device) for t in calibration_windows(tokenizer, settings))
-    n_layers, n_kinds, n_fmt = len(decoder_layers(model)), len({kind_of(n) for n in linears}), len(settings.linear_formats)
-    total = n_layers + (len(linears) + n_kinds) * n_fmt + 2 * len(settings.head_formats) + 1
+    n_parts = len(linears) * len(settings.linear_formats) + len(settings.head_formats)
+    total = len(decoder_layers(model)) + n_parts + len(settings.linear_formats) + len(settings.head_formats) + 1
     bar = tqdm(total=total, desc="profile", unit="step", disable=not progress)
     tick = lambda: bar.update(1)
     weights = gptq_weights(model, calib, settings, on_layer=lambda i: tick())
-    hidden, kwargs = layer_inputs(model, held_out)
-    base = log_probs_from(model, hidden, kwargs, len(hidden) - 1)  # (n * t, V) the float model's
-    kls = linear_kls(model, weights, settings, hidden, kwargs, base, tick)
-    heads = head_costs(model, settings, hidden, kwargs, base, tick)
-    del base, hidden
+    kls = all_kls(model, weights, settings, reference(model, held_out), tick)
     costs, fixed, base_step, rest = step_seconds(model, tokenizer, weights, settings, tick)
     base_ppl = perplexity(model, tokenizer, settings.protocol)
     bar.update(1)
     bar.close()
-    rows = [PartCost(n, f, costs[n, f][0], kls[n, f], costs[n, f][1]) for n in linears for f in settings.linear_formats]
-    rows += [PartCost(HEAD, f, heads[f][0], heads[f][1], costs[HEAD, f][1]) for f in settings.head_formats]
+    rows = [PartCost(part, fmt, costs[part, fmt][0], kl, costs[part, fmt][1]) for (part, fmt), kl in kls.items()]
     return Profile(rows, fixed, model_bytes(model), base_step, rest, base_ppl,
                    settings=asdict(settings) | {"protocol": settings.protocol.describe()},
                    seconds=time.perf_counter() - started), weights

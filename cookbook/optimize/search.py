@@ -4,8 +4,10 @@ Each part's bytes, KL and decode seconds add up: a plan is estimated to hold fix
 rest + sum(seconds) per decode step and to reach perplexity base * exp(sum(KL)) (each part's KL is the mean
 extra nats per token it costs alone; interactions between parts are what this estimate leaves out, and the
 measured candidates report its error). Choosing one format per part to minimise the summed KL under a byte
-budget is a multiple-choice knapsack, solved exactly by dynamic programming on a grid of bytes; a
-decode-speed floor enters as a Lagrange penalty on seconds, its multiplier found by bisection. The byte grid
+budget is a multiple-choice knapsack, solved exactly by dynamic programming on a grid of bytes (each part's bytes
+rounded UP to the grid, so a plan never exceeds its limit but may leave up to one grid step per part unused); a
+decode-speed floor enters as a Lagrange penalty on seconds, its multiplier found by bisection (a penalty finds the
+plans on the convex hull of the speed-KL trade, not every plan between them). The byte grid
 (`unit_for`) spans the model's whole range in about `STEPS` steps: 44 KiB for Gemma 3 270M.
 """
 
@@ -137,9 +139,8 @@ def capacity_for(profile: Profile, max_bytes: int | None) -> int:
     parts = profile.parts()
     unit = unit_for(parts)
     floor = profile.fixed_bytes + sum(min(c.bytes for c in opts) for opts in parts.values())
-    if max_bytes is None:
-        return sum(-(-(max(c.bytes for c in o) - min(c.bytes for c in o)) // unit) for o in parts.values())
-    return (max_bytes - floor) // unit
+    full = sum(-(-(max(c.bytes for c in o) - min(c.bytes for c in o)) // unit) for o in parts.values())
+    return full if max_bytes is None else min(full, (max_bytes - floor) // unit)  # more room than that buys nothing
 
 
 def plan_at(profile: Profile, capacity: int, lam: float = 0.0) -> Estimate | None:
@@ -192,12 +193,14 @@ def check_reachable(profile: Profile, budget: Budget, first: Estimate | None) ->
                           smallest)
     if budget.min_decode_x is not None and first.decode_x < budget.min_decode_x:
         raise BudgetError(f"No plan decodes {budget.min_decode_x:.2f}x as fast as float32 here; the fastest within the "
-                          f"byte limit is {_point(first, base)}. Ask for --min-decode-x {first.decode_x:.2f} or less.",
-                          first)
+                          f"byte limit is {_point(first, base)}. Ask for --min-decode-x "
+                          f"{math.floor(100 * first.decode_x) / 100:.2f} or less (by this machine's timings).", first)
     if budget.max_ppl_increase is not None and not first.meets(Budget(max_ppl_increase=budget.max_ppl_increase), base):
         raise BudgetError(f"No plan within the limits keeps perplexity within +{budget.max_ppl_increase:.0%}; the most "
                           f"accurate is {_point(first, base)}. Raise --max-ppl-increase to "
-                          f"{math.ceil(100 * (first.perplexity / base - 1))} or more, or allow more bytes.", first)
+                          f"{math.ceil(100 * (first.perplexity / base - 1))} (percent; in Python "
+                          f"Budget(max_ppl_increase={math.ceil(100 * (first.perplexity / base - 1)) / 100})) or "
+                          "more, or loosen the other limits.", first)
 
 
 def smallest_capacity(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
@@ -254,8 +257,8 @@ def candidates(profile: Profile, budget: Budget, n: int) -> list[Estimate]:
         step = -math.log1p(SPREAD)
     else:
         anchor, step = first, math.log1p(SPREAD)
-        pick = (lambda target: smallest_penalty(profile, top, lam, target)) if lam else \
-            (lambda target: at_most((0, top), target))
+        pick = (lambda target: smallest_penalty(profile, top, lam, target)) if budget.min_decode_x else \
+            (lambda target: at_most((0, top), target))  # under a speed floor, fewer bytes would mean int3: slower
     out: list[Estimate] = []
     for k in range(4 * n):
         e = anchor if k == 0 else pick(anchor.kl + k * step)
