@@ -182,3 +182,8 @@ def test_the_layout_check_is_cached_until_the_layers_change():
     set_layers(model, [layers[0]], ["full_attention"])
     core.forward(model, ids)
     assert model.__dict__["_cookbook_layout"] is not first  # a new layer list is checked again
+
+
+def test_split_linear_key_inverts_linear_key():
+    for layer, path in ((0, "self_attn.q_proj"), (17, "mlp.down_proj")):
+        assert core.split_linear_key(core.linear_key(layer, path)) == (layer, path)

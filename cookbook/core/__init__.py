@@ -13,7 +13,8 @@ from .capture import LayerInputs, capture_layer_inputs, run_layer
 from .forward import (StepContext, decoder_layer, final_logits, forward, forward_tokens, run_layers, softcap_logits,
                       step_context)
 from .layout import (LINEAR_NAMES, SUPPORTED, Layout, LayoutError, check_model, decoder, decoder_layers,
-                     decoder_linears, layer_types, layer_window, layer_windows, linear_key)
+                     decoder_linears, layer_types, layer_window, layer_windows, linear_key,
+                     split_linear_key)
 from .ops import apply_rope, attention, attention_mask, rope_cos_sin, softcap
 
 __all__ = [
@@ -22,6 +23,6 @@ __all__ = [
     "StepContext", "decoder_layer", "final_logits", "forward", "forward_tokens", "run_layers", "softcap_logits",
     "step_context",
     "LINEAR_NAMES", "SUPPORTED", "Layout", "LayoutError", "check_model", "decoder", "decoder_layers",
-    "decoder_linears", "layer_types", "layer_window", "layer_windows", "linear_key",
+    "decoder_linears", "layer_types", "layer_window", "layer_windows", "linear_key", "split_linear_key",
     "apply_rope", "attention", "attention_mask", "rope_cos_sin", "softcap",
 ]

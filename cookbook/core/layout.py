@@ -113,6 +113,12 @@ def linear_key(layer: int, path: str) -> str:
     return f"model.layers.{layer}.{path}"
 
 
+def split_linear_key(name: str) -> tuple[int, str]:
+    """The inverse of `linear_key`: 'model.layers.3.mlp.up_proj' -> (3, 'mlp.up_proj')."""
+    _, _, layer, path = name.split(".", 3)
+    return int(layer), path
+
+
 def decoder_linears(model: nn.Module, layers: Iterable[int] | None = None) -> dict[str, nn.Linear]:
     """Every decoder linear the techniques act on (no embedding, no LM head), keyed by `linear_key`.
 

@@ -22,7 +22,7 @@ from .. import kernels as K
 from .. import quantization as Q
 from ..bench.rows import bench_prompt
 from ..bench.settings import BenchSettings
-from ..core import capture_layer_inputs, decoder, decoder_layers, decoder_linears, final_logits
+from ..core import capture_layer_inputs, decoder, decoder_layers, decoder_linears, final_logits, split_linear_key
 from ..data import calibration_batch
 from ..evaluate import PerplexityProtocol, perplexity
 from ..measure import measure_generation, model_bytes, time_function
@@ -159,7 +159,7 @@ def part_kl(model: nn.Module, weights: dict, settings: OptimizeSettings, ref: Re
     new = served_linear(weights[part, gptq_option(fmt, settings.group_size)], linear.bias)
     originals = Q.swap_modules(model, {part: new})
     try:
-        return mean_kl(ref.base, log_probs_from(model, ref, int(part.split(".")[2])))
+        return mean_kl(ref.base, log_probs_from(model, ref, split_linear_key(part)[0]))
     finally:
         Q.restore_modules(model, originals)
 
@@ -203,11 +203,6 @@ def head_format(model: nn.Module, fmt: str):
 
 
 # ---------------------------------------------------------------- decode-step seconds and bytes of the linears
-
-
-def kind_of(name: str) -> str:
-    """'model.layers.3.mlp.up_proj' -> 'mlp.up_proj': linears of one kind share a shape in every layer."""
-    return name.split(".", 3)[3]
 
 
 @torch.no_grad()

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from ..core import split_linear_key
 from ..data import TRAIN_TEXT
 from ..evaluate import perplexity
 from ..measure import model_bytes
-from .profile import OptimizeSettings, Profile, decode_step_s, kind_of, profile_model
+from .profile import OptimizeSettings, Profile, decode_step_s, profile_model
 from .search import Budget, Estimate, candidates
 from .space import Plan, apply_plan
 
@@ -102,8 +103,8 @@ def plan_table(plan: Plan) -> list[dict]:
     """One row per decoder layer, one column per linear kind: the format each linear got."""
     rows: dict[int, dict] = {}
     for name, fmt in plan.linears.items():
-        layer = int(name.split(".")[2])
-        rows.setdefault(layer, {"layer": layer})[kind_of(name).split(".")[1]] = fmt
+        layer, path = split_linear_key(name)
+        rows.setdefault(layer, {"layer": layer})[path.split(".")[1]] = fmt
     return [rows[i] for i in sorted(rows)] + [{"layer": "head", "q_proj": plan.head}]
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..core import LINEAR_NAMES, capture_layer_inputs, decoder_layers
+from ..core import LINEAR_NAMES, capture_layer_inputs, decoder_layers, linear_key, split_linear_key
 from ..measure import single_thread
 from .formats import (QuantizedWeight, QuantLinear, check_bits, check_group_size, fake_quantize, quant_params,
                       quantize_codes, quantize_weight, swap_modules)
@@ -213,7 +213,7 @@ def gptq_options(model: nn.Module, calib_ids: torch.Tensor, wanted: Mapping[str,
     gate/up siblings). Returns {(name, option): QuantizedWeight}.
     """
     decoder = decoder_layers(model)
-    known = {f"model.layers.{i}.{n}" for i in range(len(decoder)) for n in LINEAR_NAMES}
+    known = {linear_key(i, n) for i in range(len(decoder)) for n in LINEAR_NAMES}
     unknown = sorted(set(wanted) - known)
     if unknown:
         raise ValueError(f"Not decoder linears of this model: {unknown[:3]}; names look like "
@@ -221,17 +221,16 @@ def gptq_options(model: nn.Module, calib_ids: torch.Tensor, wanted: Mapping[str,
     inputs = capture_layer_inputs(model, calib_ids)
     hidden, kwargs = inputs.hidden, inputs.kwargs  # (n, t, d), one dict per layer
     out: dict[tuple[str, Option], QuantizedWeight] = {}
-    last = max((int(n.split(".")[2]) for n in wanted), default=-1)
+    last = max((split_linear_key(n)[0] for n in wanted), default=-1)
     for i, layer in enumerate(decoder[: last + 1]):
-        prefix = f"model.layers.{i}."
-        names = [n for n in LINEAR_NAMES if prefix + n in wanted]
+        names = [n for n in LINEAR_NAMES if linear_key(i, n) in wanted]
         if names:
             hessians = shared_hessians(collect_linear_inputs(layer, hidden, kwargs[i]))
             factors = {id(h): inverse_hessian_factor(h) for h in hessians.values()}
             for name in names:
-                h, w = hessians[name], layer.get_submodule(name).weight
-                for bits, gs in wanted[prefix + name]:
-                    out[prefix + name, (bits, gs)] = gptq_quantize(w, h, bits, gs, symmetric, factor=factors[id(h)])
+                h, w, key = hessians[name], layer.get_submodule(name).weight, linear_key(i, name)
+                for bits, gs in wanted[key]:
+                    out[key, (bits, gs)] = gptq_quantize(w, h, bits, gs, symmetric, factor=factors[id(h)])
         if on_layer:
             on_layer(i)
         hidden = layer(hidden, **kwargs[i])  # (n, t, d) the float inputs of the next layer
