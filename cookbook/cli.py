@@ -196,6 +196,56 @@ def add_optimize_parser(sub) -> argparse.ArgumentParser:
     return opt
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .errors import CookbookError
+    from .models import load_model
+    from .student_training import StudentSettings, student_command
+    from .trainer import TrainSettings
+
+    try:
+        train = TrainSettings()
+        changes = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
+                                     ("eval_every", args.eval_every)) if v is not None}
+        if args.quick:
+            changes = {"steps": 6, "eval_every": 3, "warmup": 2, **changes}
+        settings = StudentSettings(n_keep=args.keep, train=replace(train, **changes))
+        if args.quick:
+            from .evaluate import PerplexityProtocol
+            settings = replace(settings, protocol=PerplexityProtocol(seq_len=256, stride=256, max_tokens=512))
+        teacher, tok = load_model(args.model, device="cpu")
+        if not 1 <= args.keep < teacher.config.num_hidden_layers:
+            raise ValueError(f"--keep must be in [1, {teacher.config.num_hidden_layers - 1}], got {args.keep}.")
+        default = REPO_ROOT / ("build" if args.quick else "reports") / f"train-student-{args.keep}-cpu.json"
+        out = Path(args.out) if args.out else default
+        report = student_command(teacher, tok, model_name(args.model), settings, out, args.fresh,
+                                 tag="-quick" if args.quick else "")
+    except (CookbookError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"student of layers {report['keep']}: perplexity {report['student perplexity']:.2f} against the "
+          f"teacher's {report['teacher perplexity']:.2f} ({report['ratio to teacher']:.2f}x), decode "
+          f"{report['decode speedup']:.2f}x the teacher's speed; report: {out}")
+    return 0
+
+
+def add_train_parser(sub) -> argparse.ArgumentParser:
+    tr = sub.add_parser("train", help="long training runs (resumable): 'student' distils a layer-cut student")
+    tr.add_argument("what", choices=["student"], help="what to train")
+    tr.add_argument("--keep", type=int, default=12, help="decoder layers the student keeps (default 12 of 18)")
+    tr.add_argument("--steps", type=int, help="optimizer steps (default 1200)")
+    tr.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
+    tr.add_argument("--batch-size", type=int, help="windows of 256 tokens per step (default 4)")
+    tr.add_argument("--eval-every", type=int, help="steps between held-out perplexity points (default 50)")
+    tr.add_argument("--model", help="teacher: model alias, local directory or Hugging Face id (default: Gemma 3 270M)")
+    tr.add_argument("--out", help="report path (default: reports/train-student-<keep>-cpu.json)")
+    tr.add_argument("--fresh", action="store_true", help="ignore the checkpoint of an earlier run and start over")
+    tr.add_argument("--quick", action="store_true", help="6 steps on a short protocol, apart from the real run: checks the pipeline")
+    tr.set_defaults(func=cmd_train)
+    return tr
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cookbook", description="Run the LLM Efficiency Cookbook.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,5 +260,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="model, device and versions").set_defaults(func=cmd_info)
     add_bench_parser(sub)
     add_optimize_parser(sub)
+    add_train_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)

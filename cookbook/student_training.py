@@ -1,0 +1,153 @@
+"""The long student run behind `python -m cookbook train student`: which layers to keep, by measured importance;
+hidden-state distillation, which never runs the 262k-way output layer; the run, its checkpoint and its report.
+
+Notebook 06 trains a student live for a few steps with the teacher's top-k logits; a student worth using needs
+about a thousand steps, which is this command's job (about an hour on 2 CPU cores). Two choices make that hour go
+far on a CPU:
+- **Keep the layers whose removal hurts most.** Each layer is removed alone and the perplexity measured; the
+  student keeps the `n_keep` layers with the largest damage (evenly spaced layers or ShortGPT's cosine score pick
+  layers this model cannot lose: layer 17, whose output the final norm sees, and layers 1, 3 or 5).
+- **Match the teacher's final hidden state**, the input of the tied output layer, instead of its logits. The
+  logits are that state times the embedding table, so matching one matches the other up to the table's scale,
+  and a step skips the output layer forward and backward: 0.67 of the 1.1 GFLOP per token of a logit loss.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distillation as D
+from .data import encode, load_text
+from .evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, perplexity
+from .models import cache_dir
+from .trainer import TrainSettings, text_windows, train
+
+TRAIN_TEXT = "shakespeare_train"
+IMPORTANCE_PROTOCOL = PerplexityProtocol(seq_len=256, stride=256, max_tokens=1024)  # 18 evaluations: kept short
+REPORT_KIND = "cookbook student run"
+
+
+@dataclass(frozen=True)
+class StudentSettings:
+    """n_keep of the teacher's layers, trained by `train`; the curve on `protocol` (the default one)."""
+
+    n_keep: int = 12
+    train: TrainSettings = field(default_factory=TrainSettings)
+    protocol: PerplexityProtocol = DEFAULT_PROTOCOL
+
+    def to_dict(self) -> dict:
+        return {"n_keep": self.n_keep, "train": asdict(self.train), "protocol": asdict(self.protocol)}
+
+
+@torch.no_grad()
+def layer_drop_perplexities(teacher: nn.Module, tokenizer,
+                            protocol: PerplexityProtocol = IMPORTANCE_PROTOCOL) -> list[float]:
+    """The teacher's perplexity with each decoder layer removed alone: how much the model needs that layer."""
+    n = teacher.config.num_hidden_layers
+    return [perplexity(D.make_student(teacher, [j for j in range(n) if j != i]), tokenizer, protocol)
+            for i in range(n)]
+
+
+def keep_by_importance(drop_perplexities: list[float], n_keep: int) -> list[int]:
+    """The n_keep layers whose removal raises perplexity most, in their original order."""
+    if not 1 <= n_keep <= len(drop_perplexities):
+        raise ValueError(f"n_keep must be in [1, {len(drop_perplexities)}], got {n_keep}.")
+    ranked = sorted(range(len(drop_perplexities)), key=lambda i: -drop_perplexities[i])
+    return sorted(ranked[:n_keep])
+
+
+def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's output after its final norm, the tied output layer's input: (b, t, d)."""
+    return model.model(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def hidden_distill_loss(student_h: torch.Tensor, teacher_h: torch.Tensor) -> torch.Tensor:
+    """Mean squared error to the teacher's hidden states, relative to their mean square (1.0 = predicting zero)."""
+    teacher_h = teacher_h.float()
+    return F.mse_loss(student_h.float(), teacher_h) / teacher_h.pow(2).mean()
+
+
+def trainable_student(teacher: nn.Module, keep: list[int]) -> nn.Module:
+    """The student with the teacher's layers `keep`; every parameter but the shared, frozen embedding trains."""
+    student = D.make_student(teacher, keep)
+    for name, p in student.named_parameters():
+        p.requires_grad_("embed_tokens" not in name)
+    return student
+
+
+def train_student_run(teacher: nn.Module, tokenizer, settings: StudentSettings, keep: list[int],
+                      checkpoint: Path | None = None, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Train the student of layers `keep` on hidden-state distillation; returns it and its curve (a dict)."""
+    teacher.requires_grad_(False)
+    s = settings.train
+    windows = text_windows(encode(tokenizer, load_text(TRAIN_TEXT)), s.seq_len, tokenizer.bos_token_id)
+    student = trainable_student(teacher, keep)
+
+    def step_loss(rows: torch.Tensor) -> torch.Tensor:
+        ids = windows[rows].to(student.device)  # (b, seq_len)
+        with torch.no_grad():
+            target = final_hidden(teacher, ids)  # (b, seq_len, d)
+        return hidden_distill_loss(final_hidden(student, ids), target)
+
+    curve = train(student, step_loss, len(windows), s, lambda: perplexity(student, tokenizer, settings.protocol),
+                  checkpoint, {"keep": keep, "protocol": asdict(settings.protocol)}, progress)
+    return student, {"windows": len(windows), "epochs": s.steps * s.batch_size / len(windows),
+                     "points": curve.points, "losses": curve.losses, "train seconds": curve.train_seconds}
+
+
+def student_path(n_keep: int, tag: str = "") -> Path:
+    """Where the trained student is saved (a Hugging Face checkpoint, outside git); its training checkpoint
+    sits beside it (.ckpt). `tag` keeps a trial run (--quick) apart from the real one."""
+    return cache_dir() / f"student-{n_keep}-layers-hidden-kd{tag}"
+
+
+def decode_speeds(models: dict[str, nn.Module], tokenizer, new_tokens: int = 32, repeats: int = 3) -> dict:
+    """Greedy decode tokens/s of each model after the same 32-token prompt, best of `repeats`, interleaved."""
+    from .data import with_bos
+    from .measure import measure_generation
+
+    prompt = with_bos(tokenizer, encode(tokenizer, load_text("shakespeare_eval"), 31)[None])  # (1, 32)
+    return {name: measure_generation(m, prompt, new_tokens, warmup=1, repeats=repeats,
+                                     statistic="min").decode_tokens_per_s for name, m in models.items()}
+
+
+def student_command(teacher: nn.Module, tokenizer, model_name: str, settings: StudentSettings, out: Path,
+                    fresh: bool = False, progress: bool = True, tag: str = "") -> dict:
+    """The whole run: layer importance, training (resumed if a checkpoint of this run exists), the final
+    measurements, the student saved under the cache, and the report written to `out` (JSON)."""
+    from .bench import machine_info
+    from .measure import model_bytes
+
+    began = time.perf_counter()
+    drop = layer_drop_perplexities(teacher, tokenizer)
+    keep = keep_by_importance(drop, settings.n_keep)
+    checkpoint = student_path(settings.n_keep, tag).with_suffix(".ckpt")
+    if fresh and checkpoint.exists():
+        checkpoint.unlink()
+    student, run = train_student_run(teacher, tokenizer, settings, keep, checkpoint, progress)
+    teacher_ppl = perplexity(teacher, tokenizer, settings.protocol)
+    speeds = decode_speeds({"teacher": teacher, "student": student}, tokenizer)
+    student.save_pretrained(student_path(settings.n_keep, tag))
+    tokenizer.save_pretrained(student_path(settings.n_keep, tag))
+    final = run["points"][-1]["perplexity"]
+    report = {
+        "kind": REPORT_KIND, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": model_name,
+        "machine": machine_info(torch.device("cpu")), "settings": settings.to_dict(),
+        "loss": "hidden-state distillation: MSE to the teacher's final normed hidden state / its mean square",
+        "layer drop perplexities": drop, "importance protocol": asdict(IMPORTANCE_PROTOCOL), "keep": keep,
+        "teacher perplexity": teacher_ppl, "student perplexity": final, "ratio to teacher": final / teacher_ppl,
+        "teacher decode tok/s": speeds["teacher"], "student decode tok/s": speeds["student"],
+        "decode speedup": speeds["student"] / speeds["teacher"],
+        "teacher bytes": model_bytes(teacher), "student bytes": model_bytes(student),
+        "wall seconds (this invocation)": round(time.perf_counter() - began, 1), **run,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    return report

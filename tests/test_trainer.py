@@ -1,0 +1,94 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cookbook import student_training as S
+from cookbook.cli import main
+from cookbook.models import tiny_model
+from cookbook.trainer import TrainSettings, batch_rows, load_checkpoint, lr_at, text_windows, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_schedule_warms_up_then_decays_to_its_floor():
+    s = TrainSettings(steps=100, lr=1e-3, warmup=10, min_lr_ratio=0.1)
+    assert lr_at(0, s) == pytest.approx(1e-4) and lr_at(9, s) == pytest.approx(1e-3)
+    assert lr_at(99, s) == pytest.approx(1e-4)
+    assert all(lr_at(i, s) >= lr_at(i + 1, s) for i in range(9, 99))
+
+
+def test_windows_start_with_bos_and_each_epoch_visits_every_window_once():
+    w = text_windows(torch.arange(100, 130), 4, bos_id=2)  # 30 tokens -> 10 windows of BOS + 3
+    assert w.shape == (10, 4) and (w[:, 0] == 2).all() and w[1, 1:].tolist() == [103, 104, 105]
+    epoch = torch.cat([batch_rows(step, 2, 10, seed=3) for step in range(5)])
+    assert sorted(epoch.tolist()) == list(range(10))
+    assert torch.equal(batch_rows(7, 2, 10, seed=3), batch_rows(7, 2, 10, seed=3))
+    assert not torch.equal(epoch, torch.cat([batch_rows(step, 2, 10, seed=3) for step in range(5, 10)]))
+
+
+def test_bad_settings_say_what_to_change():
+    with pytest.raises(ValueError, match="steps"):
+        TrainSettings(steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        TrainSettings(lr=-1.0)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        text_windows(torch.arange(3), 8, bos_id=2)
+
+
+def _run(model, settings, checkpoint, stop_at=None):
+    windows = torch.randint(3, 500, (12, 16), generator=torch.Generator().manual_seed(0))
+
+    def step_loss(rows):
+        if stop_at is not None and len(calls) == stop_at:
+            raise KeyboardInterrupt  # the run is killed here
+        calls.append(rows)
+        ids = windows[rows]
+        logits = model(input_ids=ids[:, :-1]).logits
+        return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+
+    calls = []
+    curve = train(model, step_loss, len(windows), settings, evaluate=lambda: 1.0, checkpoint=checkpoint,
+                  fingerprint={"what": "test"}, progress=False)
+    return curve, calls
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
+    settings = TrainSettings(steps=6, batch_size=2, seq_len=16, warmup=2, eval_every=3, checkpoint_every=2)
+    straight = tiny_model()
+    curve, _ = _run(straight, settings, tmp_path / "a.ckpt")
+    killed = tiny_model()
+    with pytest.raises(KeyboardInterrupt):
+        _run(killed, settings, tmp_path / "b.ckpt", stop_at=5)  # checkpoint at step 4, killed in step 5
+    resumed = tiny_model()
+    curve_b, calls = _run(resumed, settings, tmp_path / "b.ckpt")
+    assert len(calls) == 2, "only the steps after the last checkpoint run again"
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    assert curve_b.losses == pytest.approx(curve.losses) and [p["step"] for p in curve_b.points] == [0, 3, 6]
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+    _run(tiny_model(), TrainSettings(steps=2, batch_size=2, seq_len=16, warmup=0), tmp_path / "c.ckpt")
+    with pytest.raises(ValueError, match="another run"):
+        load_checkpoint(tmp_path / "c.ckpt", {"settings": {}, "what": "other"})
+
+
+def test_layers_kept_by_importance_and_the_hidden_loss():
+    assert S.keep_by_importance([5.0, 900.0, 60.0, 7.0, 300.0], 3) == [1, 2, 4]
+    with pytest.raises(ValueError, match="n_keep"):
+        S.keep_by_importance([1.0, 2.0], 3)
+    h = torch.randn(2, 5, 8)
+    assert S.hidden_distill_loss(torch.zeros_like(h), h).item() == pytest.approx(1.0)
+    assert S.hidden_distill_loss(h, h).item() == 0.0
+
+
+def test_trainable_student_trains_everything_but_the_shared_table():
+    teacher = tiny_model(num_layers=3)
+    student = S.trainable_student(teacher, [0, 2])
+    frozen = [n for n, p in student.named_parameters() if not p.requires_grad]
+    assert frozen == ["model.embed_tokens.weight"] and student.config.num_hidden_layers == 2
+    assert S.final_hidden(student, torch.tensor([[2, 5, 7]])).shape == (1, 3, teacher.config.hidden_size)
+
+
+def test_train_command_rejects_bad_flags_before_loading_anything(capsys):
+    assert main(["train", "student", "--steps", "0"]) == 2
+    assert "steps" in capsys.readouterr().err
