@@ -124,18 +124,24 @@ def cmd_info(_: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_command
+def report_errors(command) -> int:
+    """Run command(); a CookbookError or ValueError (bad input, with what to do) prints as one line, exit code 2."""
     from .errors import CookbookError
 
-    techniques = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else None
     try:
-        bench_command(args.model, args.device, args.quick, args.out, techniques, args.watts, args.usd_per_hour,
-                      args.name, compile=not args.no_compile)
+        command()
     except (CookbookError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_command
+
+    techniques = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else None
+    return report_errors(lambda: bench_command(args.model, args.device, args.quick, args.out, techniques, args.watts,
+                                               args.usd_per_hour, args.name, compile=not args.no_compile))
 
 
 def add_bench_parser(sub) -> argparse.ArgumentParser:
@@ -156,7 +162,6 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from .errors import CookbookError
     from .optimize import Budget
     from .optimize.command import optimize_command
 
@@ -169,15 +174,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(f"error: {', '.join(bad)}: each limit must be a positive number (--max-ppl-increase in percent, "
               "e.g. 10).", file=sys.stderr)
         return 2
-    try:
+
+    def run() -> None:
         budget = Budget(None if args.max_mib is None else int(args.max_mib * 2**20),
                         None if args.max_ppl_increase is None else args.max_ppl_increase / 100, args.min_decode_x)
         heads = tuple(h.strip() for h in args.head_formats.split(",")) if args.head_formats else None
         optimize_command(args.model, budget, args.quick, args.out, args.profile, args.candidates, heads)
-    except (CookbookError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return report_errors(run)
 
 
 def add_optimize_parser(sub) -> argparse.ArgumentParser:
@@ -199,20 +203,18 @@ def add_optimize_parser(sub) -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .errors import CookbookError
+    from .evaluate import PerplexityProtocol
     from .models import load_model
     from .student_training import StudentSettings, student_command
     from .trainer import TrainSettings
 
-    try:
-        train = TrainSettings()
+    def run() -> None:
         changes = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
                                      ("eval_every", args.eval_every)) if v is not None}
         if args.quick:
             changes = {"steps": 6, "eval_every": 3, "warmup": 2, **changes}
-        settings = StudentSettings(n_keep=args.keep, train=replace(train, **changes))
+        settings = StudentSettings(n_keep=args.keep, train=replace(TrainSettings(), **changes))
         if args.quick:
-            from .evaluate import PerplexityProtocol
             settings = replace(settings, protocol=PerplexityProtocol(seq_len=256, stride=256, max_tokens=512))
         teacher, tok = load_model(args.model, device="cpu")
         if not 1 <= args.keep < teacher.config.num_hidden_layers:
@@ -221,13 +223,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else default
         report = student_command(teacher, tok, model_name(args.model), settings, out, args.fresh,
                                  tag="-quick" if args.quick else "")
-    except (CookbookError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"student of layers {report['keep']}: perplexity {report['student perplexity']:.2f} against the "
-          f"teacher's {report['teacher perplexity']:.2f} ({report['ratio to teacher']:.2f}x), decode "
-          f"{report['decode speedup']:.2f}x the teacher's speed; report: {out}")
-    return 0
+        print(f"student of layers {report['keep']}: perplexity {report['student perplexity']:.2f} against the "
+              f"teacher's {report['teacher perplexity']:.2f} ({report['ratio to teacher']:.2f}x), decode "
+              f"{report['decode speedup']:.2f}x the teacher's speed; report: {out}")
+
+    return report_errors(run)
 
 
 def add_train_parser(sub) -> argparse.ArgumentParser:
