@@ -109,11 +109,12 @@ def student_path(n_keep: int, tag: str = "") -> Path:
 
 
 def decode_speeds(models: dict[str, nn.Module], tokenizer, new_tokens: int = 32, repeats: int = 3) -> dict:
-    """Greedy decode tokens/s of each model after the same 32-token prompt, best of `repeats`, interleaved."""
-    from .data import with_bos
+    """Greedy decode tokens/s of each model after the bench's prompt (1, 32), best of `repeats`."""
+    from .bench.rows import bench_prompt
+    from .bench.settings import BenchSettings
     from .measure import measure_generation
 
-    prompt = with_bos(tokenizer, encode(tokenizer, load_text("shakespeare_eval"), 31)[None])  # (1, 32)
+    prompt = bench_prompt(tokenizer, BenchSettings(), "cpu")  # (1, 32)
     return {name: measure_generation(m, prompt, new_tokens, warmup=1, repeats=repeats,
                                      statistic="min").decode_tokens_per_s for name, m in models.items()}
 

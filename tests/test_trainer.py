@@ -92,3 +92,11 @@ def test_trainable_student_trains_everything_but_the_shared_table():
 def test_train_command_rejects_bad_flags_before_loading_anything(capsys):
     assert main(["train", "student", "--steps", "0"]) == 2
     assert "steps" in capsys.readouterr().err
+
+
+def test_decode_speeds_time_each_model_on_the_bench_prompt():
+    from test_bench import ByteTokenizer
+
+    speeds = S.decode_speeds({"two layers": tiny_model(), "one layer": tiny_model(num_layers=1)}, ByteTokenizer(),
+                             new_tokens=4, repeats=1)
+    assert set(speeds) == {"two layers", "one layer"} and all(v > 0 for v in speeds.values())
