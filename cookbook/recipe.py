@@ -3,7 +3,7 @@
 Every stage changes the model in place by calling the technique's own module (`pruning`,
 `distillation`, `quantization`); nothing here re-implements a technique. The order matters:
 
-1. prune first, while the weights are still float and trainable (`pruning.prune_mlp_channels`);
+1. prune first, while the weights are still float and trainable (`structured_pruning.prune_mlp_channels`);
 2. recover by distilling the UNPRUNED model's cached top-k logits into the pruned one
    (`cache_teacher`, then `distill_recovery`: `distillation.train_student`), updating only the MLP weights;
 3. quantize last, so GPTQ calibrates on the weights that will be served
@@ -33,6 +33,7 @@ from . import distillation as D
 from . import kernels as K
 from . import pruning as P
 from . import quantization as Q
+from . import structured_pruning as SP
 from .data import calibration_batch
 
 STAGES = ("prune", "distill", "quantize")
@@ -89,7 +90,7 @@ def calibration_windows(tokenizer, recipe: Recipe, device) -> tuple[torch.Tensor
 
 def prune_stage(model: nn.Module, calib: torch.Tensor, fraction: float) -> int:
     """Remove `fraction` of every layer's MLP channels, scored on `calib` (n, t); returns the new MLP width."""
-    return P.prune_mlp_channels(model, P.collect_input_norms(model, calib), fraction)
+    return SP.prune_mlp_channels(model, P.collect_input_norms(model, calib), fraction)
 
 
 def is_mlp_weight(name: str) -> bool:

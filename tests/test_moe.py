@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cookbook import moe
+from cookbook import moe, moe_training
 from cookbook.measure import count_parameters
 from cookbook.models import tiny_model
 
@@ -321,8 +321,8 @@ def test_forward_from_matches_the_model():
     ids = _ids()
     with torch.no_grad():
         ref = model(ids).logits
-        prefix = moe.frozen_prefix(model, ids, start=2)
-        torch.testing.assert_close(moe.forward_from(model, prefix, last=4), ref[:, -4:], atol=1e-5, rtol=1e-5)
+        prefix = moe_training.frozen_prefix(model, ids, start=2)
+        torch.testing.assert_close(moe_training.forward_from(model, prefix, last=4), ref[:, -4:], atol=1e-5, rtol=1e-5)
 
 
 def test_train_moe_updates_only_moe_layers():
@@ -330,13 +330,13 @@ def test_train_moe_updates_only_moe_layers():
     moe.upcycle_mlps(model, 4, 2, layers=[1, 2], noise=0.01)
     frozen = model.model.layers[0].mlp.gate_proj.weight.clone()
     router = model.model.layers[1].mlp.router.weight.clone()
-    batches = [moe.frozen_prefix(model, _ids(seed=s), start=1) for s in range(3)]
-    log = moe.train_moe(model, batches, balance_coef=0.1, last=4)
+    batches = [moe_training.frozen_prefix(model, _ids(seed=s), start=1) for s in range(3)]
+    log = moe_training.train_moe(model, batches, balance_coef=0.1, last=4)
     assert len(log.lm) == len(log.cv) == 3 and all(math.isfinite(v) for v in log.lm)
     assert torch.equal(model.model.layers[0].mlp.gate_proj.weight, frozen)
     assert not torch.equal(model.model.layers[1].mlp.router.weight, router)
     assert not any(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="start"):
-        moe.train_moe(model, [moe.frozen_prefix(model, _ids(), start=2)])
+        moe_training.train_moe(model, [moe_training.frozen_prefix(model, _ids(), start=2)])
     with pytest.raises(ValueError, match="no MoE layers"):
-        moe.train_moe(tiny_model(), batches)
+        moe_training.train_moe(tiny_model(), batches)

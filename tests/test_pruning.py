@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cookbook import pruning as P
+from cookbook import structured_pruning as SP
 from cookbook.core import LayoutError
 from cookbook.errors import GPURequiredError
 from cookbook.models import tiny_model
@@ -234,12 +235,12 @@ def test_snapshot_restores_dense_weights(model):
 
 def test_structured_pruning_shrinks_and_still_generates(model, ids):
     params_before = sum(p.numel() for p in model.parameters())
-    P.prune_mlp_channels(model, P.collect_input_norms(model, ids), 0.5)
+    SP.prune_mlp_channels(model, P.collect_input_norms(model, ids), 0.5)
     block = P.decoder_layers(model)[0]
     assert block.mlp.gate_proj.weight.shape == (128, 64) and block.mlp.down_proj.weight.shape == (64, 128)
-    P.prune_heads(model, P.collect_input_norms(model, ids), 2)
+    SP.prune_heads(model, P.collect_input_norms(model, ids), 2)
     assert block.self_attn.q_proj.weight.shape == (32, 64) and block.self_attn.o_proj.weight.shape == (64, 32)
-    kept = P.drop_layers(model, [0])
+    kept = SP.drop_layers(model, [0])
     assert kept == [1] and len(P.decoder_layers(model)) == 1 and model.config.num_hidden_layers == 1
     assert sum(p.numel() for p in model.parameters()) < params_before
     assert model(input_ids=ids).logits.shape == (4, 16, 512)
@@ -254,36 +255,36 @@ def test_shrink_keeps_the_chosen_channels_exactly(model, ids):
     with torch.no_grad():
         mlp.down_proj.weight[:, inter // 2:] = 0  # half the channels contribute nothing
         before = mlp(x)
-        P.prune_mlp_channels(model, norms, 0.5)
+        SP.prune_mlp_channels(model, norms, 0.5)
         assert torch.allclose(P.decoder_layers(model)[0].mlp(x), before, atol=1e-6)
 
 
 def test_layer_scores_and_structured_errors(model, ids):
-    scores = P.layer_scores(model, ids)
+    scores = SP.layer_scores(model, ids)
     assert scores.shape == (2,) and (scores >= 0).all()
     norms = P.collect_input_norms(model, ids)
     with pytest.raises(ValueError, match="n_remove"):
-        P.prune_heads(model, norms, 4)
+        SP.prune_heads(model, norms, 4)
     with pytest.raises(ValueError, match="sparsity"):
-        P.prune_mlp_channels(model, norms, 1.0)
+        SP.prune_mlp_channels(model, norms, 1.0)
     with pytest.raises(ValueError, match="every decoder layer"):
-        P.drop_layers(model, [0, 1])
+        SP.drop_layers(model, [0, 1])
     with pytest.raises(ValueError, match="Layer indices"):
-        P.drop_layers(model, [7])
+        SP.drop_layers(model, [7])
     with pytest.raises(ValueError, match="calibration norm"):
-        P.prune_mlp_channels(model, {}, 0.5)
+        SP.prune_mlp_channels(model, {}, 0.5)
 
 
 def test_recovery_finetune_lowers_loss_and_freezes_embedding(model, ids):
     embed = model.get_input_embeddings().weight.clone()
-    losses = P.recovery_finetune(model, ids[:2], steps=8, batch_size=2, lr=1e-2)
+    losses = SP.recovery_finetune(model, ids[:2], steps=8, batch_size=2, lr=1e-2)
     assert len(losses) == 8 and losses[-1] < losses[0]
     assert torch.equal(model.get_input_embeddings().weight, embed)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="steps"):
-        P.recovery_finetune(model, ids, steps=0)
+        SP.recovery_finetune(model, ids, steps=0)
     with pytest.raises(ValueError, match="train_ids"):
-        P.recovery_finetune(model, ids[0], steps=1)
+        SP.recovery_finetune(model, ids[0], steps=1)
 
 
 def test_semi_structured_speed_needs_gpu():

@@ -15,10 +15,19 @@ from .. import kernels as K
 from .. import lora, moe
 from .. import pruning as P
 from .. import quantization as Q
+from .. import structured_pruning as SP
 from ..evaluate import perplexity
 from ..measure import count_parameters, cpu_has_native_bf16
-from .rows import (bench_prompt, calibration, compiled_row, dtype_name, fresh_copy, measure_model, result_row,
-                   saved_student)
+from .rows import (
+    bench_prompt,
+    calibration,
+    compiled_row,
+    dtype_name,
+    fresh_copy,
+    measure_model,
+    result_row,
+    saved_student,
+)
 from .settings import INT4_HEAD_GROUP, BenchSettings
 
 # ---------------------------------------------------------------- the techniques, one function each
@@ -171,7 +180,7 @@ def bench_structured(model, tokenizer, device, settings: BenchSettings) -> list[
     """Structured pruning: 25% of the MLP channels of every layer removed, no fine-tune (notebook 05)."""
     work = fresh_copy(model)
     inter = work.config.intermediate_size
-    new = P.prune_mlp_channels(work, P.collect_input_norms(work, calibration(tokenizer, settings, device)), 0.25)
+    new = SP.prune_mlp_channels(work, P.collect_input_norms(work, calibration(tokenizer, settings, device)), 0.25)
     row = measure_model(work, tokenizer, settings, "pruning", "MLP channels -25%", dtype_name(model),
                         f"intermediate size {inter} -> {new}; no recovery fine-tune")
     del work
