@@ -14,6 +14,12 @@ activation is cast to bf16 around the call only; the rest of the model keeps its
 kernel (NF4's non-uniform levels, int8 in groups, shapes the kernel rejects) `pack_quantized_linears` says so
 and raises, or, with `fallback=True`, keeps the reference module and returns the reason: never a silent
 slowdown. CPU kernels only for now: for a weight on a GPU `why_not_packed` says so.
+
+Under torch's scalar build (ATEN_CPU_CAPABILITY=default, or a CPU it has no vector code for) the kernels are
+scalar loops: a decode step still beats the reference path, but a 256-token window takes minutes. There, inputs
+of `SCALAR_FLOAT_ROWS` rows or more (prefill, perplexity) dequantize the weight once per call and multiply in
+float32 through BLAS, whose speed does not depend on that setting: the same codes, other rounding (float32
+activations instead of bf16). `float_path` decides; a test checks that both paths agree.
 """
 
 from __future__ import annotations
@@ -24,13 +30,29 @@ import functools
 import torch
 from torch import nn
 
-from .measure import cpu_has_native_bf16
-from .quantization import (Int8TiedEmbedding, QuantizedWeight, QuantLinear, _HeadView, quantize_linears_rtn,
-                           quantize_weight, replace_tied_table, swap_modules)
+from .measure import cpu_has_native_bf16, cpu_vector_kernels
+from .quantization import (
+    Int8TiedEmbedding,
+    QuantizedWeight,
+    QuantLinear,
+    _HeadView,
+    quantize_linears_rtn,
+    quantize_weight,
+    replace_tied_table,
+    swap_modules,
+)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 INT4_ROW_MULTIPLE = 16  # the CPU int4 layout packs 16 output rows together
 KERNEL_DTYPE = torch.bfloat16  # the activation dtype the packed kernels are fast with
+SCALAR_FLOAT_ROWS = 8  # under torch's scalar build, inputs of this many rows or more take the float path
+SCALAR_BUILD = not cpu_vector_kernels()  # fixed for the process (read once: a compiled forward sees a constant)
+
+
+def float_path(rows: int) -> bool:
+    """True when an input of `rows` rows should be multiplied in float32 against the dequantized weight: under
+    torch's scalar build only, and only for prefill-sized inputs (see the module docstring)."""
+    return SCALAR_BUILD and rows >= SCALAR_FLOAT_ROWS
 
 
 def packed_support() -> dict[str, bool]:
@@ -81,10 +103,10 @@ class _PackedLinear(nn.Module):
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
-    def _kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel_input(self, x: torch.Tensor, dtype: torch.dtype = KERNEL_DTYPE) -> torch.Tensor:
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)  # (..., in) AWQ: the activations carry 1/s
-        return x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # (m, in)
+        return x.reshape(-1, self.in_features).to(dtype)  # (m, in)
 
     def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., out)
@@ -96,6 +118,12 @@ def int4_scales_and_zeros(qw: QuantizedWeight) -> torch.Tensor:
     (q - 8) * scale + (8 - zero) * scale = (q - zero) * scale, our dequantization."""
     scale = qw.scale.float()  # (out, in // group)
     return torch.stack([scale.T, ((8 - qw.zero.float()) * scale).T], dim=-1)  # (in // group, out, 2)
+
+
+def int4_dequantize(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Float32 weights (n, in) from 4-bit codes (n, in) and the kernel's (in // group, n, 2) table."""
+    sz = scales_and_zeros.float().repeat_interleave(group_size, dim=0)  # (in, n, 2)
+    return (codes.float() - 8) * sz[..., 0].T + sz[..., 1].T  # (n, in): (q - 8) s + (8 - z) s = (q - z) s
 
 
 class PackedInt4Linear(_PackedLinear):
@@ -112,11 +140,20 @@ class PackedInt4Linear(_PackedLinear):
         codes = qw.codes.to(torch.int32)  # (out, in) in [0, 15]
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))  # (out, in/2)
         self.register_buffer("scales_and_zeros", int4_scales_and_zeros(qw).to(KERNEL_DTYPE))  # (in // g, out, 2)
+        layout = int4_layout()  # to read the codes back on the float path (None: that path is off)
+        self.layout = layout if layout is not None and self.out_features % layout[0] == 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._kernel_input(x)  # (m, in) bf16
+        if float_path(len(x2)) and self.layout is not None:
+            return self._output(self._kernel_input(x, x.dtype) @ self.dequantized().T.to(x.dtype), x)  # (..., out)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         return self._output(y, x)  # (..., out)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight (out, in) the kernel multiplies by: (q - 8) s + (8 - z) s per group."""
+        codes = int4pack_rows(self.packed, torch.arange(self.out_features), self.in_features, self.layout)
+        return int4_dequantize(codes, self.scales_and_zeros, self.group_size)  # (out, in)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, kernel=int4pack"
@@ -140,7 +177,11 @@ class PackedInt8Linear(_PackedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._kernel_input(x)  # (m, in) bf16
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scale).float()  # (m, out)
+        if float_path(len(x2)):
+            x2 = self._kernel_input(x, torch.float32)  # (m, in)
+            y = x2 @ (self.codes.float() * self.scale.float()[:, None]).T  # (m, out)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scale).float()  # (m, out)
         if self.zero_shift is not None:
             y = y - x2.float().sum(-1, keepdim=True) * self.zero_shift  # (m, out)
         return self._output(y, x)  # (..., out)
@@ -194,7 +235,11 @@ class PackedInt8Head(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h2 = h.reshape(-1, h.shape[-1]).to(KERNEL_DTYPE)  # (m, d)
-        logits = torch.ops.aten._weight_int8pack_mm(h2, self.table.codes, self.kernel_scale)  # (m, V)
+        if float_path(len(h2)):
+            weight = self.table.codes.float() * self.kernel_scale.float()[:, None]  # (V, d)
+            logits = h.reshape(-1, h.shape[-1]).float() @ weight.T  # (m, V)
+        else:
+            logits = torch.ops.aten._weight_int8pack_mm(h2, self.table.codes, self.kernel_scale)  # (m, V)
         return logits.to(h.dtype).reshape(*h.shape[:-1], -1)  # (..., V)
 
 
@@ -294,14 +339,19 @@ class PackedInt4TiedTable(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)  # (n,)
-        codes = int4pack_rows(self.packed, flat, self.in_features, self.layout).float()  # (n, d)
-        sz = self.scales_and_zeros[:, flat].float().repeat_interleave(self.group_size, dim=0)  # (d, n, 2)
-        rows = (codes - 8) * sz[..., 0].T + sz[..., 1].T  # (n, d): (q - 8) s + (8 - z) s = (q - z) s
+        codes = int4pack_rows(self.packed, flat, self.in_features, self.layout)  # (n, d)
+        rows = int4_dequantize(codes, self.scales_and_zeros[:, flat], self.group_size)  # (n, d)
         return (rows * self.embed_scale).reshape(*ids.shape, self.in_features)  # (..., d)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h2 = h.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # (m, d)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(h2, self.packed, self.group_size, self.scales_and_zeros)
+        if float_path(len(h2)):
+            codes = int4pack_rows(self.packed, torch.arange(self.scales_and_zeros.shape[1]), self.in_features,
+                                  self.layout)  # (V, d)
+            weight = int4_dequantize(codes, self.scales_and_zeros, self.group_size)  # (V, d)
+            out = h.reshape(-1, self.in_features).float() @ weight.T  # (m, V)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(h2, self.packed, self.group_size, self.scales_and_zeros)
         return out.to(h.dtype).reshape(*h.shape[:-1], -1)  # (..., V)
 
 

@@ -199,3 +199,28 @@ def test_int4_table_needs_a_tied_float_model():
     Q.quantize_tied_embedding_int8(model)
     with pytest.raises(ValueError, match="tied to its embedding"):
         K.quantize_tied_embedding_int4(model)
+
+
+@pytest.mark.parametrize("form", ["int4 linear", "int8 linear", "int8 head", "int4 table"])
+def test_scalar_build_float_path_agrees_with_the_kernels(monkeypatch, form):
+    # under torch's scalar build, prefill-sized inputs take the float path (kernels.float_path): force it here
+    model = tiny_model().eval()
+    if form in ("int4 linear", "int8 linear"):
+        bits, group = (4, 32) if form == "int4 linear" else (8, None)
+        layer = K.packed_linear(Q.QuantLinear.from_linear(_linear(), bits, group, symmetric=False))
+        x = torch.randn(2, 8, 256)  # (b, t, in): 16 rows, over SCALAR_FLOAT_ROWS
+    else:
+        if form == "int8 head":
+            Q.quantize_tied_embedding_int8(model)
+            K.pack_int8_head(model)
+        else:
+            K.quantize_tied_embedding_int4(model, 32)
+        layer, x = model.lm_head, torch.randn(2, 8, model.config.hidden_size)
+    with torch.no_grad():
+        monkeypatch.setattr(K, "SCALAR_BUILD", False)  # (whatever build this is)
+        kernel = layer(x)
+        monkeypatch.setattr(K, "SCALAR_BUILD", True)
+        assert K.float_path(len(x.reshape(-1, x.shape[-1]))) and not K.float_path(1)
+        floats = layer(x)
+    assert floats.shape == kernel.shape and floats.dtype == kernel.dtype
+    assert 0 < _rel_err(floats, kernel) < 1e-2  # the same codes; bf16 against float32 activations

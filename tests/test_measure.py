@@ -1,6 +1,9 @@
 import contextlib
 import math
 import mmap
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -151,3 +154,28 @@ def test_prefill_scores_only_the_last_position_and_matches_the_full_forward():
         full = model(input_ids=prompt).logits  # (1, 8, vocab)
     assert last.shape == (1, 1, full.shape[-1])
     torch.testing.assert_close(last, full[:, -1:])
+
+
+_BF16_ATTENTION = """
+import torch
+from cookbook.measure import cpu_attention_that_runs, cpu_vector_kernels
+q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)  # (batch, heads, tokens, head_dim)
+with cpu_attention_that_runs():
+    out = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+print(cpu_vector_kernels(), tuple(out.shape))
+"""
+
+
+@pytest.mark.parametrize("capability", [None, "default"])
+def test_bf16_attention_runs_under_any_kernel_set(capability):
+    # ATEN_CPU_CAPABILITY must be set before torch is imported: a fresh interpreter. Under "default" on an AMX
+    # CPU, torch's fused bf16 attention raises unless cpu_attention_that_runs picks the math kernel.
+    env = dict(os.environ)
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    done = subprocess.run([sys.executable, "-c", _BF16_ATTENTION], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    vector = "False" if capability == "default" else "True"
+    assert done.stdout.split() == [vector, "(1,", "2,", "8,", "16)"]
