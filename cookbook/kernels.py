@@ -32,10 +32,10 @@ from torch import nn
 
 from .measure import cpu_has_native_bf16, cpu_vector_kernels
 from .quantization import (
+    HeadView,
     Int8TiedEmbedding,
     QuantizedWeight,
     QuantLinear,
-    _HeadView,
     quantize_linears_rtn,
     quantize_weight,
     replace_tied_table,
@@ -246,7 +246,7 @@ class PackedInt8Head(nn.Module):
 def pack_int8_head(model: nn.Module) -> dict[str, nn.Module]:
     """Give a model whose tied table is already int8 (`quantize_tied_embedding_int8`) the packed head."""
     head = model.lm_head
-    if not (isinstance(head, _HeadView) and isinstance(head.table, Int8TiedEmbedding)):
+    if not (isinstance(head, HeadView) and isinstance(head.table, Int8TiedEmbedding)):
         raise ValueError("pack_int8_head needs the int8 tied table first: call "
                          "quantization.quantize_tied_embedding_int8(model).")
     return swap_modules(model, {"lm_head": PackedInt8Head(head.table)})
@@ -261,7 +261,7 @@ def pack_model(model: nn.Module, fallback: bool = False) -> tuple[dict[str, nn.M
     """
     originals, kept = pack_quantized_linears(model, fallback)
     table = getattr(model.lm_head, "table", None)
-    if isinstance(model.lm_head, _HeadView) and isinstance(table, Int8TiedEmbedding):
+    if isinstance(model.lm_head, HeadView) and isinstance(table, Int8TiedEmbedding):
         originals |= pack_int8_head(model)
     elif not isinstance(table, PackedInt4TiedTable):  # an int4 table is packed from the start
 

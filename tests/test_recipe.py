@@ -46,7 +46,7 @@ def test_stages_run_in_order_and_do_what_they_say(applied):
     linears = list(Q.decoder_linears(final).values())
     assert not linears and left == {}, left  # every linear and the head on the packed kernels
     assert sum(isinstance(m, (K.PackedInt4Linear, K.PackedInt8Linear)) for m in final.modules()) == 7 * 2
-    assert isinstance(final.model.embed_tokens, Q._EmbedView) and isinstance(final.lm_head, K.PackedInt8Head)
+    assert isinstance(final.model.embed_tokens, Q.EmbedView) and isinstance(final.lm_head, K.PackedInt8Head)
     assert model_bytes(final) < 0.4 * model_bytes(teacher)
     assert not any(p.requires_grad for p in final.parameters())
 
@@ -55,7 +55,7 @@ def test_unpacked_recipe_keeps_the_reference_modules():
     teacher, tok = tiny_model(num_layers=2), ByteTokenizer()
     final = R.apply_recipe(teacher, tok, R.Recipe(**{**SMALL.__dict__, "packed": False, "distill_steps": 1}))
     assert sum(isinstance(m, Q.QuantLinear) for m in final.modules()) == 7 * 2
-    assert isinstance(final.lm_head, Q._HeadView)
+    assert isinstance(final.lm_head, Q.HeadView)
 
 
 def test_the_final_model_decodes_the_same_with_and_without_our_cache(applied):

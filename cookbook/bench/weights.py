@@ -69,7 +69,7 @@ def packed_rows(work, tokenizer, device, settings: BenchSettings, variant: str, 
                            notes="not measured: the packed kernels here are CPU kernels")]
     rows = []
     K.pack_quantized_linears(work)
-    if not isinstance(work.lm_head, Q._HeadView):
+    if not isinstance(work.lm_head, Q.HeadView):
         if float_head_row:
             rows.append(measure_model(work, tokenizer, settings, "weight quantization", f"{variant}, packed", fmt,
                                       packed_note() + "; float head"))

@@ -6,7 +6,7 @@ module swaps), `nf4`, `gptq_awq` (calibrated, layer by layer) and `outliers` (LL
 """
 
 from ..core import LINEAR_NAMES, capture_layer_inputs, decoder_linears
-from .formats import (SUPPORTED_BITS, Int8TiedEmbedding, QuantizedWeight, QuantLinear, _EmbedView, _HeadView,
+from .formats import (SUPPORTED_BITS, Int8TiedEmbedding, QuantizedWeight, QuantLinear, EmbedView, HeadView,
                       check_bits, check_group_size, dtype_summary, fake_quantize, int8_rowwise, pack_bits, pack_int4,
                       quant_params, quantize_codes, quantize_linears_rtn, quantize_per_tensor,
                       quantize_tied_embedding_int8, quantize_weight, replace_tied_table, restore_modules, swap_modules,
@@ -20,7 +20,7 @@ from .outliers import Int8MixedLinear, W8A8Linear, activation_absmax, outlier_co
 __all__ = [
     "LINEAR_NAMES", "capture_layer_inputs", "decoder_linears", "SUPPORTED_BITS", "dtype_summary", "check_bits",
     "check_group_size", "pack_bits", "unpack_bits", "pack_int4", "unpack_int4", "int8_rowwise", "QuantizedWeight",
-    "quant_params", "quantize_codes", "quantize_weight", "Int8TiedEmbedding", "_EmbedView", "_HeadView",
+    "quant_params", "quantize_codes", "quantize_weight", "Int8TiedEmbedding", "EmbedView", "HeadView",
     "replace_tied_table", "quantize_tied_embedding_int8", "quantize_per_tensor", "fake_quantize", "QuantLinear",
     "swap_modules", "restore_modules", "quantize_linears_rtn", "nf4_codebook_from_normal", "NF4_CODEBOOK",
     "nearest_code", "NF4Tensor", "DQ_BLOCK", "quantize_absmax_int8", "dequantize_absmax_int8", "quantize_nf4",

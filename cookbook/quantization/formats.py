@@ -228,7 +228,9 @@ class Int8TiedEmbedding(nn.Module):
         return out.to(h.dtype)
 
 
-class _EmbedView(nn.Module):
+class EmbedView(nn.Module):
+    """The model's `embed_tokens` over a shared table (int8 or int4 codes): `forward(ids)` is `table.embed(ids)`."""
+
     def __init__(self, table: Int8TiedEmbedding) -> None:
         super().__init__()
         self.table = table
@@ -237,7 +239,9 @@ class _EmbedView(nn.Module):
         return self.table.embed(ids)
 
 
-class _HeadView(nn.Module):
+class HeadView(nn.Module):
+    """The model's `lm_head` over the same table: `forward(h)` is `table.logits(h)`; the codes are stored once."""
+
     def __init__(self, table: Int8TiedEmbedding) -> None:
         super().__init__()
         self.table = table
@@ -255,7 +259,7 @@ def replace_tied_table(model: nn.Module, make_table: Callable[[torch.Tensor, flo
         raise ValueError(f"{caller} needs a float model whose lm_head is tied to its embedding.")
     scale = getattr(emb, "embed_scale", torch.tensor(1.0))
     table = make_table(emb.weight, float(scale))
-    return swap_modules(model, {"model.embed_tokens": _EmbedView(table), "lm_head": _HeadView(table)})
+    return swap_modules(model, {"model.embed_tokens": EmbedView(table), "lm_head": HeadView(table)})
 
 
 def quantize_tied_embedding_int8(model: nn.Module) -> dict[str, nn.Module]:
