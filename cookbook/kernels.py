@@ -144,9 +144,9 @@ class PackedInt4Linear(_PackedLinear):
         self.layout = layout if layout is not None and self.out_features % layout[0] == 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = self._kernel_input(x)  # (m, in) bf16
-        if float_path(len(x2)) and self.layout is not None:
+        if float_path(x.numel() // self.in_features) and self.layout is not None:
             return self._output(self._kernel_input(x, x.dtype) @ self.dequantized().T.to(x.dtype), x)  # (..., out)
+        x2 = self._kernel_input(x)  # (m, in) bf16
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         return self._output(y, x)  # (..., out)
 
@@ -176,11 +176,11 @@ class PackedInt8Linear(_PackedLinear):
         self.register_buffer("zero_shift", None if qw.symmetric else shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = self._kernel_input(x)  # (m, in) bf16
-        if float_path(len(x2)):
+        if float_path(x.numel() // self.in_features):
             x2 = self._kernel_input(x, torch.float32)  # (m, in)
             y = x2 @ (self.codes.float() * self.scale.float()[:, None]).T  # (m, out)
         else:
+            x2 = self._kernel_input(x)  # (m, in) bf16
             y = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scale).float()  # (m, out)
         if self.zero_shift is not None:
             y = y - x2.float().sum(-1, keepdim=True) * self.zero_shift  # (m, out)
@@ -234,12 +234,12 @@ class PackedInt8Head(nn.Module):
         self.register_buffer("kernel_scale", table.scale.flatten().to(KERNEL_DTYPE))  # (V,) in the kernel dtype
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h2 = h.reshape(-1, h.shape[-1]).to(KERNEL_DTYPE)  # (m, d)
+        h2 = h.reshape(-1, h.shape[-1])  # (m, d)
         if float_path(len(h2)):
             weight = self.table.codes.float() * self.kernel_scale.float()[:, None]  # (V, d)
-            logits = h.reshape(-1, h.shape[-1]).float() @ weight.T  # (m, V)
+            logits = h2.float() @ weight.T  # (m, V)
         else:
-            logits = torch.ops.aten._weight_int8pack_mm(h2, self.table.codes, self.kernel_scale)  # (m, V)
+            logits = torch.ops.aten._weight_int8pack_mm(h2.to(KERNEL_DTYPE), self.table.codes, self.kernel_scale)
         return logits.to(h.dtype).reshape(*h.shape[:-1], -1)  # (..., V)
 
 
@@ -344,14 +344,15 @@ class PackedInt4TiedTable(nn.Module):
         return (rows * self.embed_scale).reshape(*ids.shape, self.in_features)  # (..., d)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        h2 = h.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # (m, d)
+        h2 = h.reshape(-1, self.in_features)  # (m, d)
         if float_path(len(h2)):
             codes = int4pack_rows(self.packed, torch.arange(self.scales_and_zeros.shape[1]), self.in_features,
                                   self.layout)  # (V, d)
             weight = int4_dequantize(codes, self.scales_and_zeros, self.group_size)  # (V, d)
-            out = h.reshape(-1, self.in_features).float() @ weight.T  # (m, V)
+            out = h2.float() @ weight.T  # (m, V)
         else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(h2, self.packed, self.group_size, self.scales_and_zeros)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(h2.to(KERNEL_DTYPE), self.packed, self.group_size,
+                                                             self.scales_and_zeros)  # (m, V)
         return out.to(h.dtype).reshape(*h.shape[:-1], -1)  # (..., V)
 
 

@@ -236,8 +236,8 @@ def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5, device=None) -
     if device.type != "cpu":
         timing = time_function(lambda: dst.copy_(src), warmup=2, repeats=repeats, device=device)
         return 2 * nbytes / timing.median_s
-    parts = list(zip(np.array_split(src.numpy(), torch.get_num_threads()), np.array_split(dst.numpy(),
-                                                                                          torch.get_num_threads())))
+    threads = torch.get_num_threads()
+    parts = list(zip(np.array_split(src.numpy(), threads), np.array_split(dst.numpy(), threads)))
     with ThreadPoolExecutor(len(parts)) as pool:  # numpy releases the GIL while it copies
         timing = time_function(lambda: list(pool.map(lambda p: np.copyto(p[1], p[0]), parts)), warmup=2,
                                repeats=repeats, device=device)
