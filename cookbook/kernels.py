@@ -31,16 +31,8 @@ import torch
 from torch import nn
 
 from .measure import cpu_has_native_bf16, cpu_vector_kernels
-from .quantization import (
-    HeadView,
-    Int8TiedEmbedding,
-    QuantizedWeight,
-    QuantLinear,
-    quantize_linears_rtn,
-    quantize_weight,
-    replace_tied_table,
-    swap_modules,
-)
+from .quantization import (HeadView, Int8TiedEmbedding, QuantizedWeight, QuantLinear, quantize_linears_rtn,
+                           quantize_weight, replace_tied_table, swap_modules)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 INT4_ROW_MULTIPLE = 16  # the CPU int4 layout packs 16 output rows together
@@ -152,8 +144,7 @@ class PackedInt4Linear(_PackedLinear):
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight (out, in) the kernel multiplies by: (q - 8) s + (8 - z) s per group."""
-        codes = int4pack_rows(self.packed, torch.arange(self.out_features), self.in_features, self.layout)
-        return int4_dequantize(codes, self.scales_and_zeros, self.group_size)  # (out, in)
+        return int4pack_weight(self.packed, self.scales_and_zeros, self.group_size, self.in_features, self.layout)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, kernel=int4pack"
@@ -314,6 +305,13 @@ def int4pack_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int,
     return _read_rows(packed, rows, in_features, layout)
 
 
+def int4pack_weight(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, in_features: int,
+                    layout: tuple[int, str] | None) -> torch.Tensor:
+    """The whole float32 matrix (n, in) held in the int4 kernel's layout: every row read back, dequantized."""
+    codes = int4pack_rows(packed, torch.arange(scales_and_zeros.shape[1]), in_features, layout)  # (n, in)
+    return int4_dequantize(codes, scales_and_zeros, group_size)  # (n, in)
+
+
 class PackedInt4TiedTable(nn.Module):
     """The tied embedding / lm_head matrix (V, d) as 4-bit codes in groups, stored ONCE, in the int4 kernel's
     layout: the head is `_weight_int4pack_mm_for_cpu` (half the bytes of the int8 table per token), a lookup
@@ -346,9 +344,8 @@ class PackedInt4TiedTable(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h2 = h.reshape(-1, self.in_features)  # (m, d)
         if float_path(len(h2)):
-            codes = int4pack_rows(self.packed, torch.arange(self.scales_and_zeros.shape[1]), self.in_features,
-                                  self.layout)  # (V, d)
-            weight = int4_dequantize(codes, self.scales_and_zeros, self.group_size)  # (V, d)
+            weight = int4pack_weight(self.packed, self.scales_and_zeros, self.group_size, self.in_features,
+                                     self.layout)  # (V, d)
             out = h2.float() @ weight.T  # (m, V)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(h2.to(KERNEL_DTYPE), self.packed, self.group_size,

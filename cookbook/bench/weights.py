@@ -18,16 +18,8 @@ from .. import quantization as Q
 from .. import structured_pruning as SP
 from ..evaluate import perplexity
 from ..measure import count_parameters, cpu_has_native_bf16
-from .rows import (
-    bench_prompt,
-    calibration,
-    compiled_row,
-    dtype_name,
-    fresh_copy,
-    measure_model,
-    result_row,
-    saved_student,
-)
+from .rows import (bench_prompt, calibration, compiled_row, dtype_name, fresh_copy, measure_model, result_row,
+                   saved_student)
 from .settings import INT4_HEAD_GROUP, BenchSettings
 
 # ---------------------------------------------------------------- the techniques, one function each
