@@ -139,6 +139,19 @@ def test_optimize_then_the_json_recipe_rebuilds_the_same_model(profiled, tiny, t
     assert len(O.plan_table(result.chosen.estimate.plan)) == 3  # two layers and the head
 
 
+def test_optimize_reuses_a_float_step_timed_before(profiled, tiny, monkeypatch):
+    model, tok = tiny
+    profile, weights = profiled
+    budget = O.Budget(max_bytes=int(profile.base_bytes * 0.6))
+    first = O.optimize(model, tok, budget, SETTINGS, profile, weights, progress=False)
+    timed = []
+    step = O.run.decode_step_s
+    monkeypatch.setattr(O.run, "decode_step_s", lambda m, *a: timed.append(m) or step(m, *a))
+    again = O.optimize(model, tok, budget, SETTINGS, profile, weights, progress=False, base_step_s=first.base_step_s)
+    assert model not in timed, "the float model is not timed again"
+    assert len(timed) == len(again.measured) and again.base_step_s == first.base_step_s
+
+
 def test_a_bad_recipe_says_what_is_wrong(tmp_path, tiny):
     model, tok = tiny
     with pytest.raises(FileNotFoundError, match="cookbook optimize"):

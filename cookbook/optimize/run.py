@@ -77,9 +77,11 @@ def pick(measured: list[Measured], budget: Budget, base_ppl: float) -> tuple[Mea
 
 
 def optimize(model: nn.Module, tokenizer, budget: Budget, settings: OptimizeSettings | None = None,
-             profile: Profile | None = None, weights: dict | None = None, progress: bool = True) -> Result:
+             profile: Profile | None = None, weights: dict | None = None, progress: bool = True,
+             base_step_s: float | None = None) -> Result:
     """Search the plans for `budget`; pass a `profile` and its `weights` (from `profile_model` or `reuse_profile`)
-    to reuse them, else the model is profiled first."""
+    to reuse them, else the model is profiled first. `base_step_s`: the float model's decode step, already timed
+    on this machine in this process (e.g. an earlier result's `base_step_s`); else it is timed here."""
     from tqdm.auto import tqdm
 
     settings = settings or OptimizeSettings()
@@ -88,7 +90,9 @@ def optimize(model: nn.Module, tokenizer, budget: Budget, settings: OptimizeSett
     found = candidates(profile, budget, settings.candidates)
     # the float baseline of the speed ratios: the quicker of this measurement and the profile's (both on this
     # machine, in this process), as each speed is the best of its repeats: other work can only slow a run down
-    base_step = min(decode_step_s(model, tokenizer, settings), profile.base_step_s)
+    if base_step_s is None:
+        base_step_s = decode_step_s(model, tokenizer, settings)
+    base_step = min(base_step_s, profile.base_step_s)
     measured = [measure(model, tokenizer, e, weights, settings, base_step)
                 for e in tqdm(found, desc="measure", unit="plan", disable=not progress)]
     chosen, met = pick(measured, budget, profile.base_perplexity)
