@@ -200,7 +200,8 @@ def bench_command(model_name: str | None, device: str | None, quick: bool, out_d
     bandwidth = memory_bandwidth(device=dev)
     rows = run_bench(model, tok, dev, settings, names, log=lambda m: print(m, file=sys.stderr, flush=True),
                      bandwidth=bandwidth)
-    machine = machine_info(dev) | {"memory bandwidth, measured (copy), GB/s": round(bandwidth / 1e9, 1)}
+    method = "memcpy" if dev.type == "cpu" else "device copy"  # the ceiling's method (measure.memory_bandwidth)
+    machine = machine_info(dev) | {f"memory bandwidth, measured ({method}), GB/s": round(bandwidth / 1e9, 1)}
     report = BenchReport(rows, resolve_name(model_name), machine, settings.describe(), settings.assumptions,
                          time.perf_counter() - start, techniques=names)
     paths = report.write(out_dir, name or report_name(dev))
