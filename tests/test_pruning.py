@@ -10,6 +10,8 @@ from cookbook import structured_pruning as SP
 from cookbook.core import LayoutError
 from cookbook.errors import GPURequiredError
 from cookbook.models import tiny_model
+from cookbook.quantization import obs_sweep_reference
+from cookbook.quantization.gptq_awq import dampened_hessian
 
 
 @pytest.fixture
@@ -140,6 +142,32 @@ def test_hooked_hessian_is_float64_and_feeds_the_solver():
     assert hooked.dtype == torch.float64 and torch.allclose(hooked, h.double(), rtol=1e-4, atol=1e-4)
     new = P.sparsegpt_weight(w, hooked, sparsity=0.5, blocksize=8)
     assert new.dtype == w.dtype and P.reconstruction_error(w, new, hooked) < P.reconstruction_error(w, w * (new != 0), h)
+
+
+@pytest.mark.parametrize("sparsity,nm", [(0.5, None), (0.7, None), (None, (2, 4))])
+def test_sparsegpt_sweep_matches_the_obs_reference(sparsity, nm):
+    # the fast sweep (one Cholesky factor, transposed weight, lazy block updates) against the OBS formula written
+    # out; the mask of each block of 8 columns is chosen when the block starts, by the saliency w^2 / [H_F^-1]_jj
+    w, _, h = _layer_problem()
+    hd, _ = dampened_hessian(h)
+    finv_jj = torch.stack([torch.linalg.inv(hd[j:, j:])[0, 0] for j in range(len(hd))])  # (in,)
+    pruned = {}
+
+    def prune(j, W):
+        if j % 8 == 0 and sparsity is not None:  # a block starts: its mask, from the weights as updated so far
+            pruned["block"] = ~P.unstructured_mask(W[:, j:j + 8] ** 2 / finv_jj[j:j + 8], sparsity)  # (out, 8)
+        if j % 8 == 0 and nm is not None:
+            pruned["block"] = torch.zeros(W.shape[0], 8, dtype=torch.bool)
+        if nm is not None and j % nm[1] == 0:  # N:M: the M - N least salient of each M columns, per row
+            score = W[:, j:j + nm[1]] ** 2 / finv_jj[j:j + nm[1]]  # (out, m)
+            low = torch.topk(score, nm[1] - nm[0], dim=1, largest=False).indices  # (out, m - n)
+            pruned["block"][:, j % 8:j % 8 + nm[1]].scatter_(1, low, True)
+        return W[:, j].masked_fill(pruned["block"][:, j % 8], 0.0)
+
+    reference = obs_sweep_reference(w, h, prune)  # (16, 32) float64
+    fast = P.sparsegpt_weight(w, h, sparsity, nm, blocksize=8)
+    assert torch.equal(fast == 0, reference == 0), "the same weights pruned"
+    torch.testing.assert_close(fast, reference.float(), rtol=0, atol=1e-5)
 
 
 def test_sparsegpt_nm_pattern_and_zero_sparsity_is_identity():

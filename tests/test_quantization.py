@@ -12,7 +12,7 @@ from cookbook.quantization import (
     NF4_CODEBOOK, Int8MixedLinear, NF4Linear, QuantLinear, W8A8Linear, activation_absmax, awq_search_scale,
     capture_layer_inputs, shared_hessians,
     decoder_linears, dequantize_nf4, dtype_summary, fake_quantize, inverse_hessian_factor, gptq_quantize, hessian, pack_bits,
-    pack_int4, quantize_linears_nf4, quantize_linears_rtn, quantize_model_layerwise, quantize_nf4,
+    obs_sweep_reference, pack_int4, quant_params, quantize_codes, quantize_linears_nf4, quantize_linears_rtn, quantize_model_layerwise, quantize_nf4,
     quantize_per_tensor, quantize_weight, restore_modules, smoothing_scale, unpack_bits, unpack_int4,
 )
 
@@ -339,3 +339,21 @@ def test_shared_hessians_compute_one_product_per_distinct_input():
     hs = shared_hessians({"q": a, "k": a.clone(), "down": b})
     assert hs["q"] is hs["k"] and hs["q"].dtype == torch.float64
     torch.testing.assert_close(hs["down"], 2.0 / 64 * (b.double().T @ b.double()), rtol=1e-5, atol=1e-5)  # float32 GEMM
+
+
+@pytest.mark.parametrize("bits,gs,symmetric", [(4, 8, False), (3, 16, True), (4, None, False)])
+def test_gptq_sweep_matches_the_obs_reference(bits, gs, symmetric):
+    # the fast sweep (one Cholesky factor, lazy block updates, float32) against the OBS formula written out
+    x, w = _correlated_inputs(d=32), torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
+    h, group = hessian(x), gs or 32
+    params = {}
+
+    def rounded(j, W):  # column j rounded on its group's grid, the grid set from the weights as updated so far
+        if j % group == 0:
+            params["scale"], params["zero"] = quant_params(W[:, j:j + group].float(), bits, symmetric)
+        q = quantize_codes(W[:, j].float(), params["scale"], params["zero"], bits, symmetric)
+        return (q - params["zero"]) * params["scale"]
+
+    reference = obs_sweep_reference(w, h, rounded)  # (16, 32) float64
+    fast = gptq_quantize(w, h, bits, gs, symmetric, block_size=16).dequantize()  # (16, 32)
+    torch.testing.assert_close(fast, reference.float(), rtol=0, atol=1e-5)

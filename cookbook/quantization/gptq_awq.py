@@ -64,11 +64,42 @@ def shared_hessians(xs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def inverse_hessian_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """The upper Cholesky factor of the dampened inverse Hessian (in, in), in float64, and the mask of dead
     inputs (in,) (always zero in calibration: their weights do not matter). GPTQ and SparseGPT both use it."""
+    h, dead = dampened_hessian(h, damp)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True), dead
+
+
+def dampened_hessian(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """H (in, in) in float64 with dead inputs set to 1 on the diagonal and `damp` x its mean diagonal added
+    (keeps H invertible), and the dead inputs' mask (in,)."""
     h = h.detach().double().clone()  # (in, in)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)  # keeps H invertible
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True), dead
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return h, dead
+
+
+def obs_sweep_reference(w: torch.Tensor, h: torch.Tensor, column: Callable[[int, torch.Tensor], torch.Tensor],
+                        damp: float = 0.01) -> torch.Tensor:
+    """The column sweep of GPTQ and SparseGPT written out from the OBS formula: the readable reference the tests
+    check both fast sweeps against. Slow on purpose (it inverts what is left of H at every column).
+
+    Columns are fixed left to right. At column j, F = j..in-1 are the columns not fixed yet and finv is row j of
+    (H_F)^-1. `column(j, W)` gives column j's new value (rounded or pruned) from the current weights W (out, in);
+    the error it makes is spread over F so that the layer's output on the calibration inputs moves least:
+
+        W[:, F] -= (W[:, j] - new) / finv[j] * finv          (this sets column j to `new`)
+
+    The fast sweeps read every finv / sqrt(finv[j]) off ONE Cholesky factor of H^-1 and batch the updates of the
+    columns beyond a block. Dead inputs (never active) are not special-cased here.
+    """
+    hd, _ = dampened_hessian(h, damp)  # (in, in)
+    W = w.detach().double().clone()  # (out, in)
+    for j in range(W.shape[1]):
+        finv = torch.linalg.inv(hd[j:, j:])[0]  # (in - j,) row j of (H_F)^-1
+        new = column(j, W).double()  # (out,)
+        W[:, j:] -= ((W[:, j] - new) / finv[0])[:, None] * finv[None, :]  # (out, in - j)
+        W[:, j] = new  # what the update gives up to rounding: a pruned weight must be an exact zero
+    return W
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = None,
