@@ -395,23 +395,15 @@ class PagedEngine(sv.ContinuousEngine):
     def _prefill(self, seqs: list[sv.SeqState], clock: sv.VirtualClock) -> None:
         """One left-padded pass over the tokens of each new sequence that are not in its cache yet."""
         fed = [context(s)[s.cache.length:] for s in seqs]
-        width = max(map(len, fed))
         for s, f in zip(seqs, fed):
             self.stats.prefix_hit_tokens += s.cache.length
             self.stats.recomputed_tokens += len(f) if s.preemptions else 0
-        tokens = sv._pass(self.model, fed, seqs, clock, len(seqs) * width)
+        contexts = [context(s) for s in seqs]  # before the pass appends each one's next token
+        sv.prefill_pass(self.model, seqs, fed, clock, self.stats)
         self._advance_replayed(seqs, [len(f) for f in fed])
-        self.stats.prefill_passes += 1
-        self.stats.prefill_slots += len(seqs) * width
-        self.stats.prefill_pad_slots += sum(width - len(f) for f in fed)
-        for s, tok in zip(seqs, tokens):
-            if self.prefix is not None:
-                self.prefix.insert(context(s), s.cache.blocks)
-            s.output.append(tok)
-            if s.first_token_s is None:
-                s.first_token_s = clock.now
-            if s.done:
-                s.finished_s = clock.now
+        if self.prefix is not None:
+            for s, tokens in zip(seqs, contexts):
+                self.prefix.insert(tokens, s.cache.blocks)
 
     def _advance_replayed(self, seqs: list[sv.SeqState], n: list[int]) -> None:
         """A replayed pass writes nothing; move the lengths as the real pass would have."""

@@ -226,18 +226,26 @@ def _pass(model, tokens: list[list[int]], seqs: list[SeqState], clock: VirtualCl
 
 
 def _prefill(model, seqs: list[SeqState], clock: VirtualClock, stats: Stats) -> None:
-    """One left-padded prefill pass over new sequences; each gets its first token."""
+    """One left-padded prefill pass over new sequences, each in a cache sized for its whole request."""
     for s in seqs:
         capacity = len(s.request.prompt_ids) + s.request.max_new_tokens
         s.cache = REPLAYED if isinstance(model, Replay) else KVCache.for_model(model, capacity)
-    width = max(len(s.request.prompt_ids) for s in seqs)
-    tokens = _pass(model, [s.request.prompt_ids for s in seqs], seqs, clock, len(seqs) * width)
+    prefill_pass(model, seqs, [s.request.prompt_ids for s in seqs], clock, stats)
+
+
+def prefill_pass(model, seqs: list[SeqState], fed: list[list[int]], clock: VirtualClock, stats: Stats) -> None:
+    """One left-padded pass over `fed`, the tokens of each sequence that are not in its cache yet (the whole
+    prompt, or what a shared prefix leaves): each gets its next token, its first-token time if it had none (a
+    preempted sequence computed again keeps its first), and its finish time if that token ends it."""
+    width = max(map(len, fed))
+    tokens = _pass(model, fed, seqs, clock, len(seqs) * width)
     stats.prefill_passes += 1
     stats.prefill_slots += len(seqs) * width
-    stats.prefill_pad_slots += sum(width - len(s.request.prompt_ids) for s in seqs)
+    stats.prefill_pad_slots += sum(width - len(f) for f in fed)
     for s, tok in zip(seqs, tokens):
         s.output.append(tok)
-        s.first_token_s = clock.now
+        if s.first_token_s is None:
+            s.first_token_s = clock.now
         if s.done:
             s.finished_s = clock.now
 
