@@ -6,7 +6,8 @@ fixed: the cache is written at a position tensor (`KVCache.write_at`, index_copy
 attention reads the whole preallocated buffer under a mask built from that position, and the rotary tables are
 computed once for every position and indexed. One compiled graph then serves every token (gpt-fast's design);
 eager and compiled runs of the same `StaticDecoder` share its code, so they can be compared token for token.
-Compiled one-token steps of a float model also take the hand-fused head (`matvec_head`, checked against the linear).
+Compiled one-token steps of a float model take the hand-fused head (`matvec_head`, checked against the linear)
+where it reads the head faster than BLAS on this machine (`fused_head_pays`, measured once per head shape).
 Shapes: t new tokens, L = max_len cache slots, d head_dim, V vocabulary.
 """
 
@@ -24,6 +25,7 @@ from torch import nn
 from cookbook import decoding as dec
 from cookbook.core import (KVCache, StepContext, attention_mask, check_model, decoder_layer, decoder_layers,
                            final_logits, layer_types, layer_window, rope_cos_sin, softcap_logits)
+from cookbook.measure import time_function
 
 
 def static_context(config, pos: torch.Tensor, max_len: int,
@@ -44,10 +46,14 @@ class StaticDecoder:
     tokens at explicit positions. The cache's `length` is kept by the Python loop, never read inside the step.
     """
 
-    def __init__(self, model, max_len: int, compile: bool = False, mode: str | None = None) -> None:
+    def __init__(self, model, max_len: int, compile: bool = False, mode: str | None = None,
+                 fused_head: bool | None = None) -> None:
         check_model(model)
         device, dtype = model.device, model.dtype
         self.model, self.max_len, self.compiled = model, max_len, compile
+        # the hand-fused head for compiled one-token float steps: True / False, or None to time both heads here
+        float_head = compile and type(model.lm_head) is nn.Linear
+        self.fused_head = float_head and (fused_head_pays(model.lm_head) if fused_head is None else fused_head)
         self.cache = KVCache.allocate(model.config, max_len, dtype=dtype, device=device)
         slots = torch.arange(max_len, device=device)  # (L,)
         self.rope = {lt: rope_cos_sin(model.config, lt, slots, dtype) for lt in set(layer_types(model.config))}
@@ -62,7 +68,7 @@ class StaticDecoder:
         for i, (layer, layer_type) in enumerate(zip(decoder_layers(model), layer_types(model.config))):
             x = decoder_layer(layer, x, ctx, layer_type, self.cache, i)
         x = model.model.norm(x)  # (1, t, D)
-        if self.compiled and x.shape[1] == 1 and type(model.lm_head) is nn.Linear:
+        if self.fused_head and x.shape[1] == 1:
             return softcap_logits(model, matvec_head(model.lm_head, x))  # (1, 1, V)
         return final_logits(model, x)  # (1, t, V)
 
@@ -114,6 +120,26 @@ def matvec_head(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """
     logits = (head.weight * x[:, :, None, :].to(head.weight.dtype)).sum(-1)  # (1, 1, V, D) summed over D
     return logits if head.bias is None else logits + head.bias
+
+
+_HEAD_CHOICES: dict[tuple, bool] = {}
+
+
+def fused_head_pays(head: nn.Linear, repeats: int = 10) -> bool:
+    """True when the compiled `matvec_head` computes one token's logits faster than `head(x)` (BLAS) here: the
+    best of `repeats` calls of each. Which one wins is the CPU's (on a 2-core AMD EPYC the BLAS matrix-vector
+    product read the 640 MiB head at 11 GB/s and the fused loop at 29; on a 2-core Intel Xeon with AMX, BLAS 34 GB/s
+    and the fused loop 26), so it is measured, once per head shape, dtype, device and thread count."""
+    weight = head.weight
+    key = (tuple(weight.shape), weight.dtype, weight.device, torch.get_num_threads())
+    if key not in _HEAD_CHOICES:
+        x = torch.randn(1, 1, weight.shape[1], dtype=weight.dtype, device=weight.device)  # (1, 1, D)
+        fused = torch.compile(matvec_head, fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            blas_s = time_function(lambda: head(x), warmup=2, repeats=repeats, device=weight.device).min_s
+            fused_s = time_function(lambda: fused(head, x), warmup=2, repeats=repeats, device=weight.device).min_s
+        _HEAD_CHOICES[key] = fused_s < blas_s
+    return _HEAD_CHOICES[key]
 
 
 # ---------------------------------------------------------------- what compilation changes

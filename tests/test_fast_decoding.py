@@ -65,3 +65,14 @@ def test_the_step_is_one_graph_and_compiles_to_the_same_tokens(model):
 def test_the_matvec_head_is_the_linear_head(model):
     x = torch.randn(1, 1, model.config.hidden_size)
     torch.testing.assert_close(fd.matvec_head(model.lm_head, x), model.lm_head(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_fused_head_is_chosen_by_timing_and_gives_the_same_tokens(model, monkeypatch):
+    ids = repeating_prompt()
+    fd._HEAD_CHOICES.clear()
+    assert fd.fused_head_pays(model.lm_head) in (True, False) and len(fd._HEAD_CHOICES) == 1
+    monkeypatch.setattr(fd, "fused_head_pays", lambda head: (_ for _ in ()).throw(AssertionError("timed again")))
+    assert not fd.StaticDecoder(model, 40).fused_head, "eager steps never take it"
+    both = [fd.StaticDecoder(model, 40, compile=True, fused_head=choice) for choice in (True, False)]
+    assert [d.fused_head for d in both] == [True, False]
+    assert both[0].generate(ids, 6).tokens == both[1].generate(ids, 6).tokens
