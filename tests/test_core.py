@@ -187,3 +187,17 @@ def test_the_layout_check_is_cached_until_the_layers_change():
 def test_split_linear_key_inverts_linear_key():
     for layer, path in ((0, "self_attn.q_proj"), (17, "mlp.down_proj")):
         assert core.split_linear_key(core.linear_key(layer, path)) == (layer, path)
+
+
+def test_adamw_loop_hooks_and_the_gradients_it_leaves():
+    from cookbook.core.train import adamw_loop
+
+    w = torch.nn.Parameter(torch.ones(3))
+    seen, after = [], []
+    losses, _ = adamw_loop([w], lambda step: (w * (step + 1)).pow(2).sum(), 3, lr=0.1,
+                           on_backward=lambda step: seen.append(w.grad.clone()),
+                           on_step=lambda step, loss: after.append(w.grad))
+    assert len(losses) == 3 and torch.equal(seen[0], torch.full((3,), 2.0))  # d/dw of sum(w^2) at w = 1
+    assert all(g is None for g in after), "gradients are freed after every step"
+    adamw_loop([w], lambda step: w.pow(2).sum(), 2, keep_grads=True)
+    assert w.grad is not None, "keep_grads leaves the last step's gradients"

@@ -10,12 +10,15 @@ import torch
 
 def adamw_loop(params: Iterable, step_loss: Callable[[int], torch.Tensor], steps: int, lr: float = 1e-3,
                weight_decay: float = 0.0, clip: float | None = None,
-               on_step: Callable[[int, float], None] | None = None) -> tuple[list[float], torch.optim.Optimizer]:
+               on_step: Callable[[int, float], None] | None = None,
+               on_backward: Callable[[int], None] | None = None,
+               keep_grads: bool = False) -> tuple[list[float], torch.optim.Optimizer]:
     """`steps` AdamW steps: loss = step_loss(step), backward, gradient-norm clip to `clip` if given, update.
 
     params: tensors, or param groups (dicts with their own "lr") as torch.optim takes them. Returns the loss of
-    every step and the optimizer (its state is what fine-tuning memory is made of). Gradients are freed after
-    the last step."""
+    every step and the optimizer (its state is what fine-tuning memory is made of). on_backward(step) sees the
+    gradients before the update; on_step(step, loss) runs after it. Gradients are freed after every step, the
+    last one's too unless `keep_grads` (a memory table that counts them, notebook 13)."""
     groups = list(params)
     tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     if not tensors:
@@ -27,10 +30,13 @@ def adamw_loop(params: Iterable, step_loss: Callable[[int], torch.Tensor], steps
     for step in range(steps):
         loss = step_loss(step)
         loss.backward()
+        if on_backward is not None:
+            on_backward(step)
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(tensors, clip)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if step < steps - 1 or not keep_grads:
+            optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if on_step is not None:
             on_step(step, losses[-1])

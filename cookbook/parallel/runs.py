@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.train import adamw_loop
 from .sharding import causal_lm_loss, split_batch, tensor_nbytes
 
 # ---------------------------------------------------------------- a real sub-model that fits two CPU processes
@@ -81,22 +82,23 @@ def train_steps(model: nn.Module, batches: torch.Tensor, lr: float = 1e-4, rank:
 
     Returns (losses, first_grads, step_times, optimizer): this rank's loss at each step (`mean_over_ranks` turns
     them into the global batch's), the gradients after the first backward (FSDP shards gathered), and seconds
-    per step.
+    per step. The last step's gradients are kept: `state_bytes` counts them.
     """
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    losses, times, first_grads = [], [], None
-    model.train()
-    for step, batch in enumerate(batches):
-        local = split_batch(batch, world_size, rank)  # (B / world, t)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = causal_lm_loss(model(input_ids=local).logits, local)
-        loss.backward()
+    started, times, first_grads = [], [], {}
+
+    def step_loss(step: int) -> torch.Tensor:
+        local = split_batch(batches[step], world_size, rank)  # (B / world, t)
+        started.append(time.perf_counter())
+        return causal_lm_loss(model(input_ids=local).logits, local)
+
+    def after_backward(step: int) -> None:
         if step == 0:
-            first_grads = {n: full_tensor(p.grad).clone() for n, p in model.named_parameters()}
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
+            first_grads.update({n: full_tensor(p.grad).clone() for n, p in model.named_parameters()})
+
+    model.train()
+    losses, optimizer = adamw_loop(model.parameters(), step_loss, len(batches), lr, weight_decay=0.01,  # torch's default
+                                   on_backward=after_backward, keep_grads=True,
+                                   on_step=lambda step, _: times.append(time.perf_counter() - started[step]))
     return losses, first_grads, times, optimizer
 
 
