@@ -208,11 +208,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .student_training import StudentSettings, student_command
     from .trainer import TrainSettings
 
+    if args.what == "kd-vs-ce":
+        return report_errors(lambda: kd_vs_ce(args))
+
     def run() -> None:
         changes = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
                                      ("eval_every", args.eval_every)) if v is not None}
         if args.quick:
             changes = {"steps": 6, "eval_every": 3, "warmup": 2, **changes}
+        args.keep = 12 if args.keep is None else args.keep
         settings = StudentSettings(n_keep=args.keep, train=replace(TrainSettings(), **changes))
         if args.quick:
             settings = replace(settings, protocol=PerplexityProtocol(seq_len=256, stride=256, max_tokens=512))
@@ -230,16 +234,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return report_errors(run)
 
 
+def kd_vs_ce(args: argparse.Namespace) -> None:
+    """`train kd-vs-ce`: notebook 06's pair of students (distilled, CE only) on several samples of windows."""
+    from .kd_vs_ce import PairSettings, kd_vs_ce_command
+    from .models import load_model
+
+    changes = {k: v for k, v in (("n_keep", args.keep), ("steps", args.steps), ("lr", args.lr)) if v is not None}
+    if args.seeds is not None:
+        changes["seeds"] = tuple(range(1, args.seeds + 1))
+    settings = PairSettings(**changes)
+    teacher, tok = load_model(args.model, device="cpu")
+    out = Path(args.out) if args.out else REPO_ROOT / "reports" / "kd-vs-ce-cpu.json"
+    report = kd_vs_ce_command(teacher, tok, model_name(args.model), settings, out)
+    print(f"distilled lower than CE only in {report['distilled lower']} of {report['samples']} samples; perplexity "
+          f"ratio {report['ratio, geometric mean']:.2f} (geometric mean; {report['ratio, min']:.2f} to "
+          f"{report['ratio, max']:.2f}); report: {out}")
+
+
 def add_train_parser(sub) -> argparse.ArgumentParser:
-    tr = sub.add_parser("train", help="long training runs (resumable): 'student' distils a layer-cut student")
-    tr.add_argument("what", choices=["student"], help="what to train")
-    tr.add_argument("--keep", type=int, default=12, help="decoder layers the student keeps (default 12 of 18)")
-    tr.add_argument("--steps", type=int, help="optimizer steps (default 1200)")
+    tr = sub.add_parser("train", help="training runs: 'student' distils a layer-cut student (long, resumable); "
+                                      "'kd-vs-ce' compares notebook 06's two students over several samples")
+    tr.add_argument("what", choices=["student", "kd-vs-ce"], help="what to train")
+    tr.add_argument("--keep", type=int, help="decoder layers the student keeps (default: 12 of 18 for 'student', "
+                                             "6 for 'kd-vs-ce')")
+    tr.add_argument("--seeds", type=int, help="kd-vs-ce: samples of training windows, seeds 1..N (default 5)")
+    tr.add_argument("--steps", type=int, help="optimizer steps (default 1200; kd-vs-ce: 10, notebook 06's)")
     tr.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
     tr.add_argument("--batch-size", type=int, help="windows of 256 tokens per step (default 4)")
     tr.add_argument("--eval-every", type=int, help="steps between held-out perplexity points (default 50)")
     tr.add_argument("--model", help="teacher: model alias, local directory or Hugging Face id (default: Gemma 3 270M)")
-    tr.add_argument("--out", help="report path (default: reports/train-student-<keep>-cpu.json)")
+    tr.add_argument("--out", help="report path (default: reports/train-student-<keep>-cpu.json, reports/kd-vs-ce-cpu.json)")
     tr.add_argument("--fresh", action="store_true", help="ignore the checkpoint of an earlier run and start over")
     tr.add_argument("--quick", action="store_true", help="6 steps on a short protocol, apart from the real run: checks the pipeline")
     tr.set_defaults(func=cmd_train)

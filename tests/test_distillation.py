@@ -1,6 +1,7 @@
 """Unit tests for cookbook.distillation: losses on known tensors, temperature limits, students cut
 from a teacher, shared parameters (one storage), factorized embeddings and the errors users see."""
 
+import json
 import math
 
 import pytest
@@ -381,3 +382,29 @@ def test_factorized_embedding_takes_the_model_dtype():
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[3, 4, 5]])).logits
     assert logits.shape == (1, 3, 512) and bool(torch.isfinite(logits).all())
+
+
+def test_kd_vs_ce_trains_both_students_per_sample_and_reports_them(tmp_path):
+    from test_bench import ByteTokenizer  # the tiny model's tokenizer, one id per byte
+
+    from cookbook.evaluate import PerplexityProtocol
+    from cookbook.kd_vs_ce import PairSettings, kd_vs_ce_command, summarize
+
+    teacher = tiny_model(num_layers=3)
+    settings = PairSettings(n_keep=2, steps=2, seq_len=16, k=8, seeds=(1, 2),
+                            protocol=PerplexityProtocol(seq_len=16, stride=16, max_tokens=64))
+    report = kd_vs_ce_command(teacher, ByteTokenizer(), "tiny", settings, tmp_path / "r.json", progress=False)
+    assert [p["seed"] for p in report["pairs"]] == [1, 2] and report["samples"] == 2
+    assert all(math.isfinite(p[k]) for p in report["pairs"] for k in ("CE only", "distilled"))
+    assert json.loads((tmp_path / "r.json").read_text())["pairs"] == report["pairs"]
+    assert summarize([{"CE only": 4.0, "distilled": 2.0}, {"CE only": 1.0, "distilled": 2.0}]) == {
+        "samples": 2, "distilled lower": 1, "ratio, geometric mean": 1.0, "ratio, min": 0.5, "ratio, max": 2.0}
+    with pytest.raises(ValueError, match="seeds"):
+        PairSettings(seeds=())
+
+
+def test_kd_vs_ce_command_refuses_bad_settings_with_a_clear_message(capsys):
+    from cookbook.cli import main
+
+    assert main(["train", "kd-vs-ce", "--steps", "0"]) == 2
+    assert "steps" in capsys.readouterr().err
