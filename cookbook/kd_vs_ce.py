@@ -2,8 +2,8 @@
 
 Notebook 06 trains one pair of students live: the same layer cut, the same windows, steps and learning rate; one
 learns from the text alone (alpha = 0), the other also from the teacher's top-k soft labels. Which of the two ends
-lower on one set of windows is a property of that sample. This trains the same pair on `seeds` other sets of
-windows (the notebook's is seed 1) and reports every pair's held-out perplexity, so the notebook can say how often
+lower on one set of windows is a property of that sample. This trains the same pair on the windows of each of
+`seeds` (seed 1 is the notebook's) and reports every pair's held-out perplexity, so the notebook can say how often
 distilling wins and by how much.
 """
 
