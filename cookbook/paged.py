@@ -394,11 +394,11 @@ class PagedEngine(sv.ContinuousEngine):
 
     def _prefill(self, seqs: list[sv.SeqState], clock: sv.VirtualClock) -> None:
         """One left-padded pass over the tokens of each new sequence that are not in its cache yet."""
-        fed = [context(s)[s.cache.length:] for s in seqs]
+        contexts = [context(s) for s in seqs]  # taken before the pass appends each one's next token
+        fed = [c[s.cache.length:] for s, c in zip(seqs, contexts)]
         for s, f in zip(seqs, fed):
             self.stats.prefix_hit_tokens += s.cache.length
             self.stats.recomputed_tokens += len(f) if s.preemptions else 0
-        contexts = [context(s) for s in seqs]  # before the pass appends each one's next token
         sv.prefill_pass(self.model, seqs, fed, clock, self.stats)
         self._advance_replayed(seqs, [len(f) for f in fed])
         if self.prefix is not None:
