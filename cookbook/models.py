@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -170,6 +171,39 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> st
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+
+
+class ByteTokenizer:
+    """The tiny model's tokenizer, for unit tests and offline demos: one id per UTF-8 byte (3..258), pad 0, EOS 1,
+    BOS 2, the calls the cookbook makes of a Hugging Face tokenizer. `vocab` replaces what `get_vocab` returns
+    (to test the checks that two tokenizers share one vocabulary)."""
+
+    pad_token_id, eos_token_id, bos_token_id = 0, 1, 2
+
+    def __init__(self, vocab: dict[str, int] | None = None) -> None:
+        self.vocab = {f"<{i}>": i for i in range(259)} if vocab is None else dict(vocab)
+
+    def __call__(self, text: str, add_special_tokens: bool = True, return_tensors: str | None = None):
+        ids = [self.bos_token_id] * add_special_tokens + [b + 3 for b in text.encode("utf-8")]
+        return SimpleNamespace(input_ids=torch.tensor([ids]) if return_tensors == "pt" else ids)
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.vocab)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Bytes back to text; an id past the bytes (a tiny model's vocabulary is larger) shows as <id>."""
+        ids = [int(i) for i in ids if not (skip_special_tokens and int(i) < 3)]
+        parts, run = [], bytearray()
+        for i in ids:
+            if 3 <= i < 259:
+                run.append(i - 3)
+                continue
+            parts += [run.decode("utf-8", errors="replace"), f"<{i}>"]
+            run = bytearray()
+        return "".join(parts) + run.decode("utf-8", errors="replace")
 
 
 def tiny_model(vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):

@@ -13,26 +13,7 @@ from cookbook.errors import ModelLoadError
 from cookbook.evaluate import PerplexityProtocol, perplexity
 from cookbook.kernels import packed_int4_model
 from cookbook.measure import GenerationSpeed
-from cookbook.models import tiny_model
-
-
-class ByteTokenizer:
-    """A tokenizer for the tiny model: one id per UTF-8 byte (3..258), BOS 2, EOS 1, pad 0."""
-
-    bos_token_id, eos_token_id, pad_token_id = 2, 1, 0
-
-    def __call__(self, text, add_special_tokens=False, return_tensors=None):
-        ids = [b + 3 for b in text.encode("utf-8")]
-        out = type("Encoding", (), {})()
-        out.input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
-        return out
-
-    def get_vocab(self):
-        return {f"<{i}>": i for i in range(259)}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", errors="replace")
-
+from cookbook.models import ByteTokenizer, tiny_model
 
 TINY = dict(protocol=PerplexityProtocol(seq_len=32, stride=32, max_tokens=64), prompt_tokens=8, new_tokens=6,
             loop_new_tokens=4, warmup=0, repeats=1, calib_samples=2, calib_seq_len=32, group_size=32,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from cookbook import count_parameters
 from cookbook import distillation as D
-from cookbook.models import cache_dir, tiny_model
+from cookbook.models import ByteTokenizer, cache_dir, tiny_model
 
 
 def _logits(*shape: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
@@ -131,16 +131,9 @@ def test_mismatched_vocabularies_raise_clear_errors():
 
 
 def test_check_same_vocabulary_names_the_problem():
-    class Tok:
-        def __init__(self, vocab):
-            self.vocab = vocab
-
-        def get_vocab(self):
-            return dict(self.vocab)
-
-    D.check_same_vocabulary(Tok({"a": 0, "b": 1}), Tok({"a": 0, "b": 1}))
+    D.check_same_vocabulary(ByteTokenizer({"a": 0, "b": 1}), ByteTokenizer({"a": 0, "b": 1}))
     with pytest.raises(ValueError, match="one shared vocabulary"):
-        D.check_same_vocabulary(Tok({"a": 0, "b": 1}), Tok({"a": 0, "c": 1}))
+        D.check_same_vocabulary(ByteTokenizer({"a": 0, "b": 1}), ByteTokenizer({"a": 0, "c": 1}))
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan")])

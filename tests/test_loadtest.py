@@ -10,18 +10,11 @@ from cookbook import paged as pg
 from cookbook import serving as sv
 from cookbook.live import DynamicEngine, LiveEngine, live_engine
 from cookbook.loadtest import load_test, summarize_load
-from cookbook.models import tiny_model
+from cookbook.models import ByteTokenizer, tiny_model
 
 pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-
-
-class _Decoder:
-    """Enough of a tokenizer for answers sent as token ids: ids -> text."""
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,7 +43,7 @@ LIVE_POLICIES = [sv.Policy("dynamic", 4, window_s=0.05, name="dynamic"),
 
 @pytest.mark.parametrize("policy", LIVE_POLICIES, ids=lambda p: p.label)
 def test_every_live_policy_answers_exactly_over_http(model, workload, reference, policy):
-    row = load_test(model, _Decoder(), policy, workload, reference, deadline_s=60)
+    row = load_test(model, ByteTokenizer(), policy, workload, reference, deadline_s=60)
     assert (row["sent"], row["ok"], row["503"], row["lost"]) == (6, 6, 0, 0)
     assert row["exact"] and row["tok/s"] > 0
     assert 0 < row["TTFT p50 s"] <= row["TTFT p99 s"] and row["TPOT p50 ms"] > 0
@@ -58,7 +51,7 @@ def test_every_live_policy_answers_exactly_over_http(model, workload, reference,
 
 def test_overload_is_refused_with_a_retry_hint_and_nothing_is_lost(model, workload, reference):
     burst = sv.with_rate(workload, 1000.0, 40)  # all six within a few milliseconds
-    row = load_test(model, _Decoder(), sv.Policy("continuous", 2), burst, reference, max_in_flight=2, deadline_s=60)
+    row = load_test(model, ByteTokenizer(), sv.Policy("continuous", 2), burst, reference, max_in_flight=2, deadline_s=60)
     assert row["lost"] == 0 and row["ok"] + row["503"] == 6
     assert row["ok"] >= 2 and row["503"] >= 1 and row["503 with Retry-After"] == row["503"]
     assert row["exact"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cookbook import lora
-from cookbook.models import tiny_model
+from cookbook.models import ByteTokenizer, tiny_model
 from cookbook.quantization import NF4Linear
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -27,15 +26,6 @@ def _randomise_b(model: nn.Module, seed: int = 1) -> None:
 
 def _ids(n: int = 2, t: int = 12, vocab: int = 512) -> torch.Tensor:
     return torch.randint(3, vocab, (n, t), generator=torch.Generator().manual_seed(0))
-
-
-class CharTokenizer:
-    """A stand-in tokenizer: one id per character, BOS=2, EOS=1, PAD=0."""
-
-    bos_token_id, eos_token_id, pad_token_id = 2, 1, 0
-
-    def __call__(self, text: str, add_special_tokens: bool = False):
-        return types.SimpleNamespace(input_ids=[3 + (ord(c) % 500) for c in text])
 
 
 # ---------------------------------------------------------------- the adapter layer
@@ -234,13 +224,13 @@ def test_remove_lora_restores_the_base_model() -> None:
 
 
 def test_make_batch_scores_only_the_completion_and_eos() -> None:
-    tok = CharTokenizer()
+    tok = ByteTokenizer()
     examples = [lora.Example("ab", "xyz"), lora.Example("abcd", "q"), lora.Example("a", "b")]
     batch = lora.make_batch(tok, examples)
     assert batch.input_ids.shape == (3, 7) and batch.attention_mask[2].tolist() == [1] * 4 + [0] * 3
     assert batch.input_ids[2, 4:].tolist() == [0, 0, 0] and batch.labels[2, 4:].tolist() == [-100] * 3
-    assert batch.labels[0].tolist() == [-100, -100, -100, *tok("xyz").input_ids, 1]
-    assert batch.labels[1].tolist() == [-100] * 5 + [*tok("q").input_ids, 1]
+    assert batch.labels[0].tolist() == [-100, -100, -100, *tok("xyz", add_special_tokens=False).input_ids, 1]
+    assert batch.labels[1].tolist() == [-100] * 5 + [*tok("q", add_special_tokens=False).input_ids, 1]
     assert batch.completion_tokens == 4 + 2 + 2
     with pytest.raises(ValueError, match="max_len"):
         lora.make_batch(tok, examples, max_len=5)
@@ -250,7 +240,7 @@ def test_make_batch_scores_only_the_completion_and_eos() -> None:
 
 def test_completion_loss_matches_the_full_model_loss() -> None:
     model = tiny_model()
-    batch = lora.make_batch(CharTokenizer(), [lora.Example("hello", " world"), lora.Example("hi", " there!")])
+    batch = lora.make_batch(ByteTokenizer(), [lora.Example("hello", " world"), lora.Example("hi", " there!")])
     with torch.no_grad():
         ours = lora.completion_loss(model, batch)
         full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
@@ -261,7 +251,7 @@ def test_training_lowers_the_loss_and_optimizer_state_is_two_moments() -> None:
     torch.manual_seed(0)
     model = tiny_model()
     lora.add_lora(model, ["q_proj", "v_proj", "up_proj", "down_proj"], rank=4, alpha=8)
-    batch = lora.make_batch(CharTokenizer(), [lora.Example("ab", "cdcdcd"), lora.Example("ba", "dcdcdc")])
+    batch = lora.make_batch(ByteTokenizer(), [lora.Example("ab", "cdcdcd"), lora.Example("ba", "dcdcdc")])
     before = lora.heldout_loss(model, batch)
     losses, optimizer = lora.train(model, [batch], steps=30, lr=3e-2)
     # a random tiny model's logits are bounded (small tied embeddings), so the floor is ~4.9 nats, not 0
@@ -274,7 +264,7 @@ def test_training_lowers_the_loss_and_optimizer_state_is_two_moments() -> None:
 def test_gradient_checkpointing_saves_fewer_activations() -> None:
     model = tiny_model(num_layers=4)
     lora.add_lora(model, ["q_proj", "v_proj"], rank=4)
-    batch = lora.make_batch(CharTokenizer(), [lora.Example("x" * 40, "y" * 40)] * 4)
+    batch = lora.make_batch(ByteTokenizer(), [lora.Example("x" * 40, "y" * 40)] * 4)
     model.train()
     with lora.SavedActivations(model) as plain:
         lora.completion_loss(model, batch).backward()

@@ -14,8 +14,7 @@ from cookbook.core import decoder_linears
 from cookbook.data import calibration_batch
 from cookbook.evaluate import PerplexityProtocol
 from cookbook.measure import model_bytes
-from cookbook.models import tiny_model
-from test_bench import ByteTokenizer
+from cookbook.models import ByteTokenizer, tiny_model
 
 SETTINGS = O.OptimizeSettings(calib_samples=2, calib_seq_len=32, profile_samples=1, profile_seq_len=32, group_size=32,
                               candidates=3, protocol=PerplexityProtocol(seq_len=32, stride=32, max_tokens=64),

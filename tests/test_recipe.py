@@ -8,8 +8,7 @@ from cookbook import kernels as K
 from cookbook import quantization as Q
 from cookbook import recipe as R
 from cookbook.measure import model_bytes
-from cookbook.models import tiny_model
-from test_bench import ByteTokenizer
+from cookbook.models import ByteTokenizer, tiny_model
 
 SMALL = R.Recipe(distill_steps=3, distill_seq_len=24, top_k=8, group_size=32, calib_samples=2, calib_seq_len=32)
 

@@ -12,7 +12,7 @@ from cookbook import serving as sv
 from cookbook.core.forward import ragged_positions
 from cookbook.core.ops import additive_mask, attention_mask
 from cookbook.live import LiveEngine
-from cookbook.models import tiny_model
+from cookbook.models import ByteTokenizer, tiny_model
 
 
 def cost(b: int, slots: int) -> float:
@@ -273,16 +273,6 @@ def test_live_engine_serves_concurrent_requests_exactly(model, pool):
         live.submit([2, 3], 2)
 
 
-class _FakeTokenizer:
-    """Enough of a tokenizer for the server: text -> BOS + bytes, ids -> text."""
-
-    def __call__(self, text):
-        return type("Enc", (), {"input_ids": [2] + [3 + b for b in text.encode()][:40]})()
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-
 def test_http_front_end_on_loopback(model, pool):
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
@@ -293,7 +283,7 @@ def test_http_front_end_on_loopback(model, pool):
     ref = sv.reference_outputs(model, [req])[0]
     live = LiveEngine(model, sv.Policy("continuous", 2)).start()
     try:
-        with BackgroundServer(create_app(live, _FakeTokenizer())) as server:
+        with BackgroundServer(create_app(live, ByteTokenizer())) as server:
             assert server.url.startswith("http://127.0.0.1:")
             ok = httpx.post(server.url + "/generate", json={"prompt_ids": list(req.prompt_ids), "max_new_tokens": 5},
                             timeout=60)
@@ -313,7 +303,7 @@ def test_http_front_end_on_loopback(model, pool):
     assert [b.status_code for b in bad] == [400, 400, 400, 400, 422]
     assert "empty" in bad[0].json()["detail"] and "between 1 and" in bad[1].json()["detail"]
     with pytest.raises(ValueError, match="loopback"):
-        BackgroundServer(create_app(live, _FakeTokenizer()), host="0.0.0.0")
+        BackgroundServer(create_app(live, ByteTokenizer()), host="0.0.0.0")
 
 
 def test_fit_pass_cost_is_positive_and_grows_with_slots():

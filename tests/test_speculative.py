@@ -13,7 +13,7 @@ from cookbook import fast_decoding as fd
 from cookbook import kernels as K
 from cookbook import quantization as Q
 from cookbook import speculative as sp
-from cookbook.models import tiny_model
+from cookbook.models import ByteTokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -77,21 +77,13 @@ def test_mismatched_vocabulary_raises(model):
         sp.speculative_generate(model, other, prompt(3), 4)
 
 
-class FakeTokenizer:
-    def __init__(self, vocab: dict[str, int]):
-        self.vocab = vocab
-
-    def get_vocab(self) -> dict[str, int]:
-        return self.vocab
-
-
 def test_mismatched_tokenizers_raise(model):
-    a, b = FakeTokenizer({"a": 0, "b": 1}), FakeTokenizer({"a": 1, "b": 0})
+    a, b = ByteTokenizer({"a": 0, "b": 1}), ByteTokenizer({"a": 1, "b": 0})
     with pytest.raises(ValueError, match="different ids"):
         sp.check_compatible(model, model, a, b)
     with pytest.raises(ValueError, match="both tokenizers"):
         sp.check_compatible(model, model, a, None)
-    sp.check_compatible(model, model, a, FakeTokenizer({"a": 0, "b": 1}))
+    sp.check_compatible(model, model, a, ByteTokenizer({"a": 0, "b": 1}))
 
 
 def test_rejection_sampling_follows_target_distribution():

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from cookbook import student_training as S
 from cookbook.cli import main
-from cookbook.models import tiny_model
+from cookbook.models import ByteTokenizer, tiny_model
 from cookbook.trainer import TrainSettings, batch_rows, load_checkpoint, lr_at, text_windows, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,7 +95,6 @@ def test_train_command_rejects_bad_flags_before_loading_anything(capsys):
 
 
 def test_decode_speeds_time_each_model_on_the_bench_prompt():
-    from test_bench import ByteTokenizer
 
     speeds = S.decode_speeds({"two layers": tiny_model(), "one layer": tiny_model(num_layers=1)}, ByteTokenizer(),
                              new_tokens=4, repeats=1)
