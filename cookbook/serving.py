@@ -8,7 +8,7 @@ Everything here is built from scratch on a Hugging Face Gemma 3 model's weights:
   true positions hides the padding (and keys outside Gemma 3's sliding window). Left padding puts
   every sequence's last token in the same column, so one slice gives the next-token logits.
 - `simulate` replays a timed workload (`synthetic_workload`, in `cookbook.workload` with the `Request` it is made of)
-  under one `Policy` on a virtual clock:
+  under one `Policy` on a virtual clock (`cookbook.clocks`):
   the model really runs, and each forward pass advances the clock by its measured wall time, or by a
   cost model fitted once from measured passes (`fit_pass_cost`) so that every policy is charged the
   same costs; idle gaps between arrivals are skipped instead of slept.
@@ -23,12 +23,12 @@ workload's output lengths are the ones drawn, and every output can be compared t
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .clocks import PassCost, VirtualClock, fit_pass_cost  # noqa: F401  (re-exported: serving runs on them)
 from .core.cache import KVCache
 from .core.forward import forward_tokens
 from .workload import (  # noqa: F401  (re-exported: a request, its checks and workloads are served here)
@@ -43,72 +43,6 @@ from .workload import (  # noqa: F401  (re-exported: a request, its checks and w
     validate_request,
     with_rate,
 )
-
-# ---------------------------------------------------------------- clocks
-
-
-class VirtualClock:
-    """Simulated time. `run` executes a forward pass for real and advances the clock by its wall time,
-    or by `cost_model(n_sequences, token_slots)` seconds when one is given (deterministic, for tests)."""
-
-    def __init__(self, cost_model: Callable[[int, int], float] | None = None) -> None:
-        self.now = 0.0
-        self.cost_model = cost_model
-        self.busy_s = 0.0
-
-    def run(self, fn: Callable[[], object], n_sequences: int, token_slots: int):
-        start = time.perf_counter()
-        result = fn()
-        spent = time.perf_counter() - start if self.cost_model is None else self.cost_model(n_sequences, token_slots)
-        self.now += spent
-        self.busy_s += spent
-        return result
-
-    def wait_until(self, t: float) -> None:
-        """Idle until `t` (free on a virtual clock)."""
-        self.now = max(self.now, t)
-
-
-@dataclass(frozen=True)
-class PassCost:
-    """Seconds per forward pass = `fixed_s` (reading the weights once) + `per_slot_s` x token slots.
-
-    Fitted once from measured passes (`fit_pass_cost`) and then used by every policy's `VirtualClock`,
-    so the policies are compared on the same costs instead of on whatever else the machine was doing
-    while each one ran."""
-
-    fixed_s: float
-    per_slot_s: float
-
-    def __call__(self, n_sequences: int, token_slots: int) -> float:
-        return self.fixed_s + self.per_slot_s * token_slots
-
-
-def fit_pass_cost(model, prompt_ids: Sequence[int], batch_sizes: Sequence[int] = (1, 2, 4, 8),
-                  repeats: int = 3) -> PassCost:
-    """Time decode steps (1 token per sequence) and prefills (the whole prompt) at each batch size,
-    and fit seconds = fixed + per_slot x token_slots by least squares (both kept >= 0)."""
-    slots, seconds = [], []
-    for b in batch_sizes:
-        caches = [KVCache.for_model(model, len(prompt_ids) + repeats + 2) for _ in range(b)]
-        prefill = [list(prompt_ids)] * b
-        seconds.append(min(_timed(lambda: forward_tokens(model, prefill, [KVCache.for_model(model, len(prompt_ids))
-                                                                           for _ in range(b)])) for _ in range(repeats)))
-        slots.append(b * len(prompt_ids))
-        forward_tokens(model, prefill, caches)
-        step = [[int(prompt_ids[-1])]] * b
-        seconds.append(min(_timed(lambda: forward_tokens(model, step, caches)) for _ in range(repeats)))
-        slots.append(b)
-    x, y = np.asarray(slots, dtype=float), np.asarray(seconds)
-    per_slot = max(float(np.cov(x, y, bias=True)[0, 1] / x.var()), 0.0)
-    return PassCost(max(float(y.mean() - per_slot * x.mean()), 0.0), per_slot)
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
 
 # ---------------------------------------------------------------- per-request state and scheduling
 
@@ -525,14 +459,14 @@ def check_outputs(result: RunResult, reference: dict[int, list[int]]) -> list[in
 
 
 def summarize(result: RunResult, load_per_s: float | None = None) -> dict:
-    """One results-table row: throughput, TTFT and latency percentiles, padding waste."""
+    """One results-table row: throughput, mean TTFT, TTFT and latency percentiles, padding waste."""
     lat, ttft = percentiles(result.latencies()), percentiles(result.ttfts())
     row = {"policy": result.policy.label}
     if load_per_s is not None:
         row["load req/s"] = load_per_s
     row |= {
         "tok/s": result.throughput,
-        "TTFT p50 s": ttft["p50"], "TTFT p95 s": ttft["p95"],
+        "TTFT mean s": float(result.ttfts().mean()), "TTFT p50 s": ttft["p50"], "TTFT p95 s": ttft["p95"],
         "lat p50 s": lat["p50"], "lat p95 s": lat["p95"], "lat p99 s": lat["p99"],
         "steps": result.stats.prefill_passes + result.stats.decode_steps,
         "pad waste %": 100 * result.stats.padding_waste,
