@@ -216,14 +216,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                                      ("eval_every", args.eval_every)) if v is not None}
         if args.quick:
             changes = {"steps": 6, "eval_every": 3, "warmup": 2, **changes}
-        args.keep = 12 if args.keep is None else args.keep
-        settings = StudentSettings(n_keep=args.keep, train=replace(TrainSettings(), **changes))
+        keep = 12 if args.keep is None else args.keep  # the default student: 12 of 18 layers
+        settings = StudentSettings(n_keep=keep, train=replace(TrainSettings(), **changes))
         if args.quick:
             settings = replace(settings, protocol=PerplexityProtocol(seq_len=256, stride=256, max_tokens=512))
         teacher, tok = load_model(args.model, device="cpu")
-        if not 1 <= args.keep < teacher.config.num_hidden_layers:
-            raise ValueError(f"--keep must be in [1, {teacher.config.num_hidden_layers - 1}], got {args.keep}.")
-        default = REPO_ROOT / ("build" if args.quick else "reports") / f"train-student-{args.keep}-cpu.json"
+        if not 1 <= keep < teacher.config.num_hidden_layers:
+            raise ValueError(f"--keep must be in [1, {teacher.config.num_hidden_layers - 1}], got {keep}.")
+        default = REPO_ROOT / ("build" if args.quick else "reports") / f"train-student-{keep}-cpu.json"
         out = Path(args.out) if args.out else default
         report = student_command(teacher, tok, model_name(args.model), settings, out, args.fresh,
                                  tag="-quick" if args.quick else "")
