@@ -51,7 +51,7 @@ def run_client(url: str, requests: Sequence[Request], deadline_s: float = 120.0)
 def summarize_load(answers: list[dict], requests: Sequence[Request], reference: dict[int, list[int]]) -> dict:
     """One results row: what came back (ok, refused, errors, lost), whether every answer equals `reference` (False
     when none came back), throughput,
-    and TTFT / TPOT / end-to-end latency percentiles (p50, p99) over the answered requests."""
+    mean TTFT, and TTFT / TPOT / end-to-end latency percentiles (p50, p99) over the answered requests."""
     if len(answers) != len(requests):
         raise ValueError(f"{len(answers)} answers for {len(requests)} requests: give one answer per request, in order.")
     ok = [(r, a) for r, a in zip(requests, answers) if a["status"] == 200]
@@ -73,6 +73,7 @@ def summarize_load(answers: list[dict], requests: Sequence[Request], reference: 
         "lost": sum(a["status"] is None for a in answers),
         "exact": bool(ok) and all(a["json"]["token_ids"] == reference[r.rid] for r, a in ok),
         "tok/s": tokens / span if ok else 0.0,
+        "TTFT mean s": float(ttft.mean()) if len(ttft) else float("nan"),
         "TTFT p50 s": pct(ttft, 50), "TTFT p99 s": pct(ttft, 99),
         "TPOT p50 ms": 1000 * pct(tpot, 50), "TPOT p99 ms": 1000 * pct(tpot, 99),
         "latency p50 s": pct(e2e, 50), "latency p99 s": pct(e2e, 99),

@@ -72,7 +72,7 @@ def bench_load_test(model, tokenizer, device, settings: BenchSettings) -> list[d
             rows.append(result_row(
                 "serving", f"HTTP load test, {policy.label}, {load:g}x capacity", fmt, model, None, r["tok/s"],
                 notes=(f"wall clock, {r['sent']} requests at {load * capacity:.2f}/s from a client process: "
-                       f"TTFT p50/p99 {r['TTFT p50 s']:.2f}/{r['TTFT p99 s']:.2f} s, TPOT p50/p99 "
+                       f"TTFT mean {r['TTFT mean s']:.2f} s, p50/p99 {r['TTFT p50 s']:.2f}/{r['TTFT p99 s']:.2f} s, TPOT p50/p99 "
                        f"{r['TPOT p50 ms']:.0f}/{r['TPOT p99 ms']:.0f} ms, latency p50/p99 {r['latency p50 s']:.2f}/"
                        f"{r['latency p99 s']:.2f} s; {r['ok']} ok, {r['503']} refused, {r['errors']} errors, "
                        f"{r['lost']} lost; "
