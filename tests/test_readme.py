@@ -1,0 +1,29 @@
+"""The README's results table is the one `scripts/readme_results.py` prints from the report the README names,
+so no figure in it is typed: rerun the script after a new bench run and paste its output."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+from cookbook.bench import load_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_results():
+    spec = importlib.util.spec_from_file_location("readme_results", ROOT / "scripts" / "readme_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_table_is_its_report():
+    readme = (ROOT / "README.md").read_text()
+    named = re.search(r"`python scripts/readme_results\.py (\S+)`", readme)
+    assert named, "the README names the report its results table was copied from"
+    report_path = ROOT / named.group(1)
+    table = readme_results().table(str(report_path))
+    assert table in readme, f"README's results table differs from {named.group(1)}: paste `python " \
+                            f"scripts/readme_results.py {named.group(1)}` into it"
+    report = load_report(report_path)
+    assert f"wrote on {report.date} in {report.wall_s / 60:.1f} minutes" in readme, "the date and run time stated"
