@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import psutil
@@ -158,7 +158,7 @@ class GenerationSpeed:
     `first_token_s` is a whole `generate` of ONE token (prefill plus generate's own fixed costs: cache
     set-up, logits processing) and `generate_s` one of `new_tokens` tokens; their difference is
     `new_tokens - 1` decode steps and nothing else, so the fixed costs cancel instead of being charged
-    to decode.
+    to decode. `generate_range_s` is (fastest, slowest) of the `new_tokens` runs, for the spread of decode speed.
     """
 
     prompt_tokens: int
@@ -166,6 +166,7 @@ class GenerationSpeed:
     prefill_s: float
     first_token_s: float
     generate_s: float
+    generate_range_s: tuple[float, float] | None = None
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -181,6 +182,15 @@ class GenerationSpeed:
     @property
     def decode_tokens_per_s(self) -> float:
         return 1.0 / self.decode_s_per_token
+
+    @property
+    def decode_spread(self) -> float:
+        """(fastest - slowest) / reported decode tokens/s over the repeats of the long run, the one-token run held
+        at its reported time; NaN with one repeat or when a run could not separate decode."""
+        if self.generate_range_s is None or self.generate_range_s[0] == self.generate_range_s[1]:
+            return math.nan
+        rates = [replace(self, generate_s=s).decode_tokens_per_s for s in self.generate_range_s]
+        return (rates[0] - rates[1]) / self.decode_tokens_per_s
 
 
 STATISTICS = ("median", "min")
@@ -220,7 +230,8 @@ def measure_generation(
     prefill = time_function(lambda: prefill_logits(model, prompt_ids), warmup, repeats, model.device)
     first, whole = generate(1), generate(new_tokens)
     pick = (lambda t: t.median_s) if statistic == "median" else (lambda t: t.min_s)
-    return GenerationSpeed(prompt_ids.shape[1], new_tokens, pick(prefill), pick(first), pick(whole))
+    return GenerationSpeed(prompt_ids.shape[1], new_tokens, pick(prefill), pick(first), pick(whole),
+                           (whole.min_s, whole.max_s))
 
 
 def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5, device=None) -> float:

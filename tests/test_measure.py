@@ -119,6 +119,10 @@ def test_generation_speed_arithmetic():
     assert s.prefill_tokens_per_s == 200
     # 10 decode steps in 1.6 - 0.6 s: generate's fixed costs in the one-token run cancel
     assert s.decode_tokens_per_s == pytest.approx(10)
+    assert math.isnan(s.decode_spread)  # no range: nothing to say about the spread
+    # the long run took 1.6 s at best and 2.1 s at worst: decode 10 and 6.67 tokens/s, a spread of a third of 10
+    ranged = GenerationSpeed(100, 11, 0.5, 0.6, 1.6, generate_range_s=(1.6, 2.1))
+    assert ranged.decode_spread == pytest.approx((10 - 10 / 1.5) / 10)
 
 
 def test_generation_speed_is_nan_when_timings_cannot_separate_decode():
