@@ -1,8 +1,8 @@
 """Training runs longer than a notebook's few minutes: a warmup + cosine schedule, a deterministic order of the
 training windows, checkpoints that a stopped run resumes from exactly, a progress bar, and a perplexity curve.
 
-`core.train.adamw_loop` is the short loop the notebooks run live; `train` here is the same AdamW step with what a
-run of an hour needs around it. Resuming gives the same weights as an uninterrupted run: the data order is a
+`core.train.adamw_loop` is the AdamW loop the notebooks run live; `train` here runs that loop with what a run of an
+hour needs around it. Resuming gives the same weights as an uninterrupted run: the data order is a
 function of (seed, epoch), the learning rate a function of the step, and the optimizer state is checkpointed.
 """
 
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .core.train import adamw_loop
 
 
 @dataclass(frozen=True)
@@ -148,26 +150,27 @@ def train(model: nn.Module, step_loss: Callable[[torch.Tensor], torch.Tensor], n
     if not curve.points:
         record(0)
     bar = tqdm(total=settings.steps, initial=start_step, desc="train", unit="step", disable=not progress)
+    last = time.perf_counter()  # train seconds leave out the evaluations and checkpoints between steps
+
+    def after_step(step: int, loss: float) -> None:
+        nonlocal last
+        curve.losses.append(loss)
+        curve.train_seconds += time.perf_counter() - last
+        done = step + 1
+        if done % settings.eval_every == 0 or done == settings.steps:
+            record(done)
+            bar.set_postfix(loss=f"{loss:.4f}", ppl=f"{curve.points[-1]['perplexity']:.1f}")
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
+            save(done)
+        bar.update(1)
+        last = time.perf_counter()
+
     model.train()
     try:
-        for step in range(start_step, settings.steps):
-            began = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, settings)
-            loss = step_loss(batch_rows(step, settings.batch_size, n_windows, settings.seed))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), settings.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            curve.losses.append(loss.item())
-            curve.train_seconds += time.perf_counter() - began
-            done = step + 1
-            if done % settings.eval_every == 0 or done == settings.steps:
-                record(done)
-                bar.set_postfix(loss=f"{curve.losses[-1]:.4f}", ppl=f"{curve.points[-1]['perplexity']:.1f}")
-            if done % settings.checkpoint_every == 0 or done == settings.steps:
-                save(done)
-            bar.update(1)
+        adamw_loop(list(params.values()), lambda step: step_loss(batch_rows(step, settings.batch_size, n_windows,
+                                                                            settings.seed)),
+                   settings.steps, clip=settings.clip, on_step=after_step, optimizer=optimizer, start=start_step,
+                   schedule=lambda step: lr_at(step, settings))
     finally:
         bar.close()
         model.eval()
