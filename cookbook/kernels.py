@@ -7,7 +7,9 @@ to PyTorch's packed matmuls, which dequantize inside the kernel, tile by tile, i
 
 - int4, one scale and zero per group of 32/64/128/256 inputs: `aten._weight_int4pack_mm_for_cpu`, after
   `aten._convert_weight_to_int4pack_for_cpu` has laid the codes out for it (2 codes per byte);
-- int8, one scale per output channel: `aten._weight_int8pack_mm` (1 byte per weight).
+- int8, one scale per output channel: `aten._weight_int8pack_mm` (1 byte per weight); for decode steps (up to
+  `int8_matvec.MAX_ROWS` rows) our own kernel `cookbook.int8_matvec`, which reads the int8 codes about twice as
+  fast on our CPUs, wherever it builds (`int8_matvec.status()` says which ran).
 
 Both kernels are fast with bfloat16 activations and fall back to slow scalar code with float32 ones, so the
 activation is cast to bf16 around the call only; the rest of the model keeps its dtype. Where a format has no
@@ -30,6 +32,7 @@ import functools
 import torch
 from torch import nn
 
+from . import int8_matvec as our_int8
 from .measure import cpu_has_native_bf16, cpu_vector_kernels
 from .quantization import (HeadView, Int8TiedEmbedding, QuantizedWeight, QuantLinear, quantize_linears_rtn,
                            quantize_weight, replace_tied_table, swap_modules)
@@ -165,9 +168,14 @@ class PackedInt8Linear(_PackedLinear):
         self.register_buffer("scale", scale.to(KERNEL_DTYPE))
         shift = (qw.zero.float().flatten() - 128) * scale  # (out,) zero for the symmetric grid
         self.register_buffer("zero_shift", None if qw.symmetric else shift)
+        self.ours = our_int8.available()  # fixed here: a compiled forward sees a constant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if float_path(x.numel() // self.in_features):
+        rows = x.numel() // self.in_features
+        if self.ours and rows <= our_int8.MAX_ROWS and x.device.type == "cpu":
+            x2 = self._kernel_input(x, torch.float32)  # (m, in)
+            y = our_int8.int8_matvec(x2, self.codes, self.scale)  # (m, out)
+        elif float_path(rows):
             x2 = self._kernel_input(x, torch.float32)  # (m, in)
             y = x2 @ (self.codes.float() * self.scale.float()[:, None]).T  # (m, out)
         else:
@@ -223,10 +231,13 @@ class PackedInt8Head(nn.Module):
             raise ValueError(f"this torch ({torch.__version__}) has no aten._weight_int8pack_mm; upgrade torch.")
         self.table = table  # shared with the embedding lookup: the codes are stored once
         self.register_buffer("kernel_scale", table.scale.flatten().to(KERNEL_DTYPE))  # (V,) in the kernel dtype
+        self.ours = our_int8.available()  # fixed here: a compiled forward sees a constant
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h2 = h.reshape(-1, h.shape[-1])  # (m, d)
-        if float_path(len(h2)):
+        if self.ours and len(h2) <= our_int8.MAX_ROWS and h.device.type == "cpu":
+            logits = our_int8.int8_matvec(h2.float(), self.table.codes, self.kernel_scale)  # (m, V)
+        elif float_path(len(h2)):
             weight = self.table.codes.float() * self.kernel_scale.float()[:, None]  # (V, d)
             logits = h2.float() @ weight.T  # (m, V)
         else:
@@ -241,6 +252,17 @@ def pack_int8_head(model: nn.Module) -> dict[str, nn.Module]:
         raise ValueError("pack_int8_head needs the int8 tied table first: call "
                          "quantization.quantize_tied_embedding_int8(model).")
     return swap_modules(model, {"lm_head": PackedInt8Head(head.table)})
+
+
+def use_our_int8_kernel(model: nn.Module, on: bool = True) -> int:
+    """Send `model`'s packed int8 decode steps through our kernel (on) or PyTorch's (off), to compare the two on the
+    same codes; returns how many modules it switched. A compiled decoder must be built again after a switch."""
+    if on and not our_int8.available():
+        raise ValueError(f"Our int8 kernel is not available here: {our_int8.status()}.")
+    switched = [m for m in model.modules() if isinstance(m, (PackedInt8Linear, PackedInt8Head))]
+    for m in switched:
+        m.ours = on
+    return len(switched)
 
 
 def pack_model(model: nn.Module, fallback: bool = False) -> tuple[dict[str, nn.Module], dict[str, str]]:
