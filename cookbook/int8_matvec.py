@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
+from .measure import _cpu_flags
+
 SOURCE = Path(__file__).parent / "csrc" / "int8_matvec.cpp"
 MAX_ROWS = 8  # decode steps and short drafts; longer inputs (prefill) keep PyTorch's batched kernel
 
 
 def _build_name() -> str:
     """One build per source, torch and CPU: the binary is compiled for this CPU's instructions (-march=native)."""
-    flags = ""
-    if Path("/proc/cpuinfo").exists():
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    flags = " ".join(sorted(_cpu_flags()))
     key = hashlib.sha1(SOURCE.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:12]
     return f"cookbook_int8_matvec_{key}"
 
@@ -70,6 +70,7 @@ def _(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     return x.new_empty((x.shape[0], codes.shape[0]))
 
 
-def use_for(rows: int, device: torch.device) -> bool:
-    """Whether an int8 product of `rows` input rows on `device` runs our kernel (CPU decode steps, when built)."""
-    return device.type == "cpu" and rows <= MAX_ROWS and available()
+def use_for(on: bool, rows: int, device: torch.device) -> bool:
+    """Whether a packed int8 module switched `on` (built where `available()`) runs our kernel for an input of `rows`
+    rows on `device`: CPU decode steps and short drafts."""
+    return on and rows <= MAX_ROWS and device.type == "cpu"

@@ -172,7 +172,7 @@ class PackedInt8Linear(_PackedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.ours and rows <= our_int8.MAX_ROWS and x.device.type == "cpu":
+        if our_int8.use_for(self.ours, rows, x.device):
             x2 = self._kernel_input(x, torch.float32)  # (m, in)
             y = our_int8.int8_matvec(x2, self.codes, self.scale)  # (m, out)
         elif float_path(rows):
@@ -235,7 +235,7 @@ class PackedInt8Head(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h2 = h.reshape(-1, h.shape[-1])  # (m, d)
-        if self.ours and len(h2) <= our_int8.MAX_ROWS and h.device.type == "cpu":
+        if our_int8.use_for(self.ours, len(h2), h.device):
             logits = our_int8.int8_matvec(h2.float(), self.table.codes, self.kernel_scale)  # (m, V)
         elif float_path(len(h2)):
             weight = self.table.codes.float() * self.kernel_scale.float()[:, None]  # (V, d)
