@@ -1,4 +1,4 @@
-"""Measurement: parameters, bytes held, peak memory, latency, tokens/s and memory bandwidth.
+"""Measurement: parameters, bytes held, peak memory, latency, tokens/s and memory (read) bandwidth.
 
 Timings follow one rule everywhere: warm up first, repeat, report the median (CUDA is
 synchronised before each clock read).
@@ -234,25 +234,31 @@ def measure_generation(
                            (whole.min_s, whole.max_s))
 
 
-def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5, device=None) -> float:
-    """Measured copy bandwidth in bytes/s (reads + writes) of a large copy on `device`.
+def memory_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5, device=None) -> float:
+    """Measured read bandwidth in bytes/s: the ceiling of batch-1 decode, which streams its weights once per token
+    and writes next to nothing.
 
-    On the CPU the copy is numpy's (memcpy), split over torch's threads: what the memory system delivers,
-    whatever kernels torch dispatches to. torch's own copy loop is slower (on a 2-core Xeon 19-21 GB/s against
-    35) and slower again under its scalar build (ATEN_CPU_CAPABILITY=default: 16), and a ceiling must not move
-    with the kernel set: there a decode read its weights faster than the "ceiling"."""
+    On the CPU: numpy's max over a buffer larger than the last-level caches, split over torch's threads (numpy
+    releases the GIL): the rate these cores can read at, whatever kernels torch dispatches to, so the ceiling does
+    not move with the kernel set (ATEN_CPU_CAPABILITY=default). Not a copy: memcpy counts its writes too and
+    moves bytes with instructions a load-based kernel cannot use, and a 256 MiB copy partly hits a large L3. On
+    the 2-core Xeon of reports/cpu-xeon.md (300 MiB L3) a 256 MiB copy gave 47-66 GB/s (reads + writes), a 512 MiB
+    one 50, while this read gives 33-37 GB/s, the rate torch's float32 matrix-vector product reads the head at.
+    On a GPU: a device copy, 2 x nbytes over its time."""
     device = torch.device(device or "cpu")
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
     if device.type != "cpu":
+        src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+        dst = torch.empty_like(src)
         timing = time_function(lambda: dst.copy_(src), warmup=2, repeats=repeats, device=device)
         return 2 * nbytes / timing.median_s
-    threads = torch.get_num_threads()
-    parts = list(zip(np.array_split(src.numpy(), threads), np.array_split(dst.numpy(), threads)))
-    with ThreadPoolExecutor(len(parts)) as pool:  # numpy releases the GIL while it copies
-        timing = time_function(lambda: list(pool.map(lambda p: np.copyto(p[1], p[0]), parts)), warmup=2,
-                               repeats=repeats, device=device)
-    return 2 * nbytes / timing.min_s  # the best copy: other work on the machine can only slow one down
+    buffer = np.ones(nbytes // 4, dtype=np.float32)
+    parts = np.array_split(buffer, torch.get_num_threads())
+    with ThreadPoolExecutor(len(parts)) as pool:
+        timing = time_function(lambda: list(pool.map(np.max, parts)), warmup=1, repeats=repeats, device=device)
+    return nbytes / timing.min_s  # the best read: other work on the machine can only slow one down
+
+
+BANDWIDTH_METHOD = {"cpu": "read stream", "cuda": "device copy"}  # what memory_bandwidth times, by device type
 
 
 # ---------------------------------------------------------------- the CPU

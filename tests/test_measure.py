@@ -144,6 +144,22 @@ def test_measure_generation_on_a_tiny_model():
         measure_generation(model, prompt, new_tokens=1)
 
 
+def test_memory_bandwidth_times_a_read_of_every_byte(monkeypatch):
+    """The CPU ceiling is a read stream over the whole buffer (bytes / best time), split over torch's threads."""
+    seen = []
+
+    def fake_max(part):
+        seen.append(part.nbytes)
+        return part[0]
+
+    monkeypatch.setattr(measure.np, "max", fake_max)
+    bandwidth = measure.memory_bandwidth(8 * 2**20, repeats=2)
+    assert math.isfinite(bandwidth) and bandwidth > 0
+    calls = 3 * torch.get_num_threads()  # one warm-up and two repeats, one part per thread
+    assert len(seen) == calls and sum(seen) == 3 * 8 * 2**20
+    assert measure.BANDWIDTH_METHOD["cpu"] == "read stream"
+
+
 def test_format_bytes():
     assert format_bytes(512) == "512 B"
     assert format_bytes(3 * 2**20) == "3.0 MiB"

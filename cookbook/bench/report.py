@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..evaluate import PerplexityProtocol
-from ..measure import memory_bandwidth
+from ..measure import BANDWIDTH_METHOD, memory_bandwidth
 from .pareto import label, pareto_front, plot_pareto
 from .settings import COLUMNS, make_settings
 from .suite import TECHNIQUES, check_techniques, finish_rows, run_bench
@@ -199,12 +199,12 @@ def bench_command(model_name: str | None, device: str | None, quick: bool, out_d
     model, tok = load_model(model_name, device=dev)
     at_start = memory_bandwidth(device=dev)
     rows = run_bench(model, tok, dev, settings, names, log=lambda m: print(m, file=sys.stderr, flush=True))
-    # the ceiling is the better of two copies, at the start and at the end: a copy timed while the host was busy
-    # (on a shared 2-core VM one start read 25 GB/s against 42-53 in other runs) would inflate every share
+    # the ceiling is the better of two measurements, at the start and at the end: one timed while the host was
+    # busy (on a shared 2-core VM one start read 25 GB/s against 42-53 in other runs) would inflate every share
     at_end = memory_bandwidth(device=dev)
     bandwidth = max(at_start, at_end)
     rows = finish_rows(rows, settings, bandwidth)
-    method = "memcpy" if dev.type == "cpu" else "device copy"  # the ceiling's method (measure.memory_bandwidth)
+    method = BANDWIDTH_METHOD.get(dev.type, "device copy")  # how measure.memory_bandwidth measured the ceiling
     machine = machine_info(dev) | {
         f"memory bandwidth, measured ({method}), GB/s": round(bandwidth / 1e9, 1),
         "memory bandwidth at the start / end of the run, GB/s": f"{at_start / 1e9:.1f} / {at_end / 1e9:.1f}"}
