@@ -200,7 +200,7 @@ def bench_command(model_name: str | None, device: str | None, quick: bool, out_d
     at_start = memory_bandwidth(device=dev)
     rows = run_bench(model, tok, dev, settings, names, log=lambda m: print(m, file=sys.stderr, flush=True))
     # the ceiling is the better of two measurements, at the start and at the end: one timed while the host was
-    # busy (on a shared 2-core VM one start read 25 GB/s against 42-53 in other runs) would inflate every share
+    # busy would inflate every share (on a shared 2-core VM one copy at a run's start gave 25 GB/s, 42-53 in others)
     at_end = memory_bandwidth(device=dev)
     bandwidth = max(at_start, at_end)
     rows = finish_rows(rows, settings, bandwidth)
