@@ -48,8 +48,11 @@ def crash_reason(path: str | Path, probe: str = PROBE, timeout_s: float = 120.0)
     """None when llama.cpp runs a few tokens of `path` in a child process, else why not. A build compiled for
     instructions this machine does not execute (seen: AMX on a virtual machine) dies with SIGILL; in the bench's own
     process that would take every row with it, so the bench asks a child process first."""
-    run = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=timeout_s,
-                         check=False)
+    try:
+        run = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
+                             timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:  # a hung probe must cost the row, not the bench
+        return f"llama.cpp did not finish a test run of a few tokens in {timeout_s:.0f} s"
     if run.returncode == 0:
         return None
     if run.returncode < 0:

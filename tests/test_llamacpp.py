@@ -22,3 +22,8 @@ def test_an_illegal_instruction_names_the_signal_and_the_rebuild(tmp_path):
 def test_a_failing_probe_gives_its_last_error_line(tmp_path):
     why = llamacpp.crash_reason(tmp_path / "x.gguf", probe="raise ValueError('no such file')")
     assert "exit 1" in why and "ValueError: no such file" in why, why
+
+
+def test_a_hung_probe_is_a_reason_not_an_exception(tmp_path):
+    why = llamacpp.crash_reason(tmp_path / "x.gguf", probe="import time; time.sleep(30)", timeout_s=1)
+    assert "did not finish" in why and "1 s" in why, why
