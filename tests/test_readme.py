@@ -27,3 +27,16 @@ def test_readme_table_is_its_report():
                             f"scripts/readme_results.py {named.group(1)}` into it"
     report = load_report(report_path)
     assert f"wrote on {report.date} in {report.wall_s / 60:.1f} minutes" in readme, "the date and run time stated"
+
+
+def test_readme_states_each_linked_reports_date_and_run_time():
+    """Every bench report the README links (the Xeon's of the table, the AMD's of the paragraph after it) is
+    quoted with the date and run time it records: after a rerun of either bench this fails until the README's
+    figures from that report are reread (the AMD paragraph's are copied by hand, not printed by the script)."""
+    readme = (ROOT / "README.md").read_text()
+    linked = sorted(set(re.findall(r"\]\((reports/[\w.-]+)\.md\)", readme)))
+    assert linked, "the README links its bench reports"
+    for name in linked:
+        report = load_report(ROOT / f"{name}.json")
+        stated = f"on {report.date} in {report.wall_s / 60:.1f} minutes"
+        assert stated in readme, f"README should say the run of {name}.md was {stated}"
