@@ -35,13 +35,14 @@ def profiled(tiny):
     return profile, weights
 
 
-def test_gptq_options_match_gptq_on_the_float_inputs_of_layer_0(tiny):
+@pytest.mark.parametrize("gptq_order", Q.GPTQ_ORDERS)
+def test_gptq_options_match_gptq_on_the_float_inputs_of_layer_0(tiny, gptq_order):
     model, tok = tiny
     calib = calibration_batch(tok, 2, 32, seed=0)
     names = [n for n in decoder_linears(model) if n.startswith("model.layers.0.")]
-    got = Q.gptq_options(model, calib, {n: [(4, 32)] for n in names})
+    got = Q.gptq_options(model, calib, {n: [(4, 32)] for n in names}, gptq_order=gptq_order)
     work = tiny_model(num_layers=2)
-    Q.quantize_model_layerwise(work, calib, "gptq", 4, 32, layers=[0])  # layer 0 sees float inputs here too
+    Q.quantize_model_layerwise(work, calib, "gptq", 4, 32, layers=[0], gptq_order=gptq_order)  # float inputs too
     for n in names:
         assert torch.equal(got[n, (4, 32)].codes, work.get_submodule(n).quantized_weight().codes), n
 
@@ -203,6 +204,8 @@ def test_a_large_byte_limit_is_clamped_to_what_the_search_can_use(profiled):
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="int5"):
         replace(O.OptimizeSettings(), linear_formats=("int5",))
+    with pytest.raises(ValueError, match="gptq_order"):
+        replace(O.OptimizeSettings(), gptq_order="descending")
 
 
 def test_a_saved_profile_is_reused_only_for_the_same_model_and_measurement(profiled, tmp_path):
@@ -213,6 +216,7 @@ def test_a_saved_profile_is_reused_only_for_the_same_model_and_measurement(profi
     path.write_text(json.dumps({"model": "tiny", "profile": profile.to_dict()}))
     assert load_profile(path, "tiny", replace(SETTINGS, candidates=5, repeats=3)).costs == profile.costs
     assert load_profile(path, "tiny", replace(SETTINGS, group_size=64)) is None
+    assert load_profile(path, "tiny", replace(SETTINGS, gptq_order="input")) is None  # other GPTQ codes
     assert load_profile(path, "other", SETTINGS) is None
     assert load_profile(tmp_path / "absent.json", "tiny", SETTINGS) is None
     (tmp_path / "recipe.json").write_text(json.dumps({"kind": O.RECIPE_KIND}))

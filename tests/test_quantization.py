@@ -9,7 +9,7 @@ from torch import nn
 from cookbook import count_parameters, model_bytes
 from cookbook.models import tiny_model
 from cookbook.quantization import (
-    NF4_CODEBOOK, Int8MixedLinear, NF4Linear, QuantLinear, W8A8Linear, activation_absmax, awq_search_scale,
+    NF4_CODEBOOK, Int8MixedLinear, NF4Linear, QuantLinear, W8A8Linear, act_order, activation_absmax, awq_search_scale,
     capture_layer_inputs, shared_hessians,
     decoder_linears, dequantize_nf4, dtype_summary, fake_quantize, inverse_hessian_factor, gptq_quantize, hessian, pack_bits,
     obs_sweep_reference, pack_int4, quant_params, quantize_codes, quantize_linears_nf4, quantize_linears_rtn, quantize_model_layerwise, quantize_nf4,
@@ -224,6 +224,39 @@ def test_gptq_with_a_shared_factor_is_the_same_as_alone():
     assert torch.equal(alone.codes, shared.codes) and torch.equal(alone.scale, shared.scale)
 
 
+@pytest.mark.parametrize("bits,gs,symmetric", [(3, 8, False), (4, 16, True), (4, None, False)])
+def test_act_order_sweep_matches_the_obs_reference_with_static_groups(bits, gs, symmetric):
+    # act-order: the OBS sweep on the columns permuted by decreasing H diagonal, each column rounded on the grid
+    # of its stored group, fixed from the unchanged weights; the codes then return to input order
+    x, w = _correlated_inputs(d=32), torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
+    x = x[:, torch.randperm(32, generator=torch.Generator().manual_seed(4))]  # energy not sorted by position
+    h, group = hessian(x), gs or 32
+    order = act_order(h)
+    assert not torch.equal(order, torch.arange(32))
+    scale, zero = quant_params(w.reshape(16, -1, group), bits, symmetric)  # (16, in / group) each
+
+    def rounded(j, W):  # swept column j is input order[j]
+        g = int(order[j]) // group
+        q = quantize_codes(W[:, j].float(), scale[:, g], zero[:, g], bits, symmetric)
+        return (q - zero[:, g]) * scale[:, g]
+
+    reference = torch.empty(16, 32, dtype=torch.float64)
+    reference[:, order] = obs_sweep_reference(w[:, order], h[order][:, order], rounded)
+    fast = gptq_quantize(w, h, bits, gs, symmetric, block_size=16, order=order).dequantize()  # (16, 32)
+    torch.testing.assert_close(fast, reference.float(), rtol=0, atol=1e-5)
+
+
+def test_act_order_cuts_the_output_error_when_a_few_inputs_carry_the_energy():
+    # correlated inputs of uneven size, the large ones scattered: in input order GPTQ meets them late, when
+    # few columns are left to absorb their error (seeds 0-3: act order has 4-9% of the in-order error)
+    gen = torch.Generator().manual_seed(5)
+    x = _correlated_inputs(n=1024, d=128, seed=5)[:, torch.randperm(128, generator=gen)]  # (1024, 128)
+    w, h = torch.randn(64, 128, generator=gen), hessian(x)
+    err = {name: (x @ (gptq_quantize(w, h, 3, 32, order=order).dequantize() - w).T).pow(2).mean()
+           for name, order in (("in order", None), ("act order", act_order(h)))}
+    assert err["act order"] < 0.5 * err["in order"], err
+
+
 def test_gptq_errors():
     with pytest.raises(ValueError, match="must have shape"):
         gptq_quantize(torch.randn(4, 48), torch.eye(32), 4)
@@ -231,6 +264,8 @@ def test_gptq_errors():
         gptq_quantize(torch.randn(4, 48), torch.eye(48), 4, 48, block_size=32)
     with pytest.raises(ValueError, match="not supported"):
         gptq_quantize(torch.randn(4, 48), torch.eye(48), 9)
+    with pytest.raises(ValueError, match="permutation"):
+        gptq_quantize(torch.randn(4, 48), torch.eye(48), 4, order=torch.zeros(48, dtype=torch.long))
 
 
 def test_awq_scale_never_worse_than_plain_rtn():
@@ -242,13 +277,14 @@ def test_awq_scale_never_worse_than_plain_rtn():
     assert mse <= rtn * (1 + 1e-6)  # alpha = 0 is plain RTN, so the search cannot lose
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_layerwise_driver_on_tiny_model(method):
+@pytest.mark.parametrize("method,gptq_order", [("gptq", "input"), ("gptq", "act"), ("awq", "act")])
+def test_layerwise_driver_on_tiny_model(method, gptq_order):
     model = tiny_model()
     calib = torch.randint(0, 512, (2, 16))
     ref = model(input_ids=calib).logits
     expected = sorted(n for n in decoder_linears(model) if ".layers.1." in n)
-    originals = quantize_model_layerwise(model, calib, method, 4, group_size=16, layers=[1])
+    originals = quantize_model_layerwise(model, calib, method, 4, group_size=16, layers=[1],
+                                         gptq_order=gptq_order)
     assert sorted(originals) == expected and len(expected) == 7
     assert all(isinstance(model.get_submodule(n), QuantLinear) for n in expected)
     out = model(input_ids=calib).logits
@@ -263,6 +299,8 @@ def test_layerwise_driver_errors():
         quantize_model_layerwise(model, torch.zeros(1, 4, dtype=torch.long), "rtn", 4)
     with pytest.raises(ValueError, match="layers must be indices"):
         quantize_model_layerwise(model, torch.zeros(1, 4, dtype=torch.long), "gptq", 4, layers=[5])
+    with pytest.raises(ValueError, match="gptq_order must be one of"):
+        quantize_model_layerwise(model, torch.zeros(1, 4, dtype=torch.long), "gptq", 4, gptq_order="desc")
 
 
 # ---------------------------------------------------------------- LLM.int8 and SmoothQuant

@@ -15,7 +15,7 @@ from .search import Budget
 
 
 # the settings a profile's bytes and KLs depend on (its seconds are measured again where it is used: `retime`)
-PROFILE_FIELDS = ("calib_samples", "calib_seq_len", "profile_samples", "profile_seq_len", "group_size",
+PROFILE_FIELDS = ("calib_samples", "calib_seq_len", "gptq_order", "profile_samples", "profile_seq_len", "group_size",
                   "linear_formats", "head_formats", "protocol")
 
 

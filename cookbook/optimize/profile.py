@@ -32,12 +32,14 @@ from .space import HEAD, HEAD_FORMATS, LINEAR_FORMATS, apply_head, check_formats
 @dataclass(frozen=True)
 class OptimizeSettings:
     """What the search measures. calib_*: GPTQ's calibration windows (seed 0 of the training text, as the bench);
-    profile_*: the held-out windows (seed 2) the KL of each part is measured on; group_size: of int4 / int3;
+    profile_*: the held-out windows (seed 2) the KL of each part is measured on; gptq_order: GPTQ's column order
+    ('act' or 'input', `quantization.sweep_plan`); group_size: of int4 / int3;
     candidates: how many of the best estimated plans are built and measured; protocol, prompt_tokens,
     new_tokens, repeats: the bench's perplexity protocol and decode timing, so results sit on its pictures."""
 
     calib_samples: int = 4
     calib_seq_len: int = 256
+    gptq_order: str = "act"
     profile_samples: int = 2
     profile_seq_len: int = 128
     group_size: int = 128
@@ -51,6 +53,8 @@ class OptimizeSettings:
 
     def __post_init__(self) -> None:
         check_formats(self.linear_formats, self.head_formats)
+        if self.gptq_order not in Q.GPTQ_ORDERS:
+            raise ValueError(f"gptq_order must be one of {Q.GPTQ_ORDERS}, got {self.gptq_order!r}.")
         if min(self.calib_samples, self.profile_samples, self.candidates, self.repeats) < 1:
             raise ValueError("calib_samples, profile_samples, candidates and repeats must all be >= 1.")
         if min(self.calib_seq_len, self.profile_seq_len) < 2 or self.new_tokens < 2:
@@ -258,7 +262,8 @@ def gptq_weights(model: nn.Module, calib: torch.Tensor, settings: OptimizeSettin
                  on_layer: Callable[[int], None] | None = None) -> dict:
     """GPTQ codes of every decoder linear in every linear format: {(name, option): QuantizedWeight}."""
     options = sorted({gptq_option(f, settings.group_size) for f in settings.linear_formats}, key=str)
-    return Q.gptq_options(model, calib, {n: options for n in decoder_linears(model)}, on_layer=on_layer)
+    return Q.gptq_options(model, calib, {n: options for n in decoder_linears(model)}, on_layer=on_layer,
+                          gptq_order=settings.gptq_order)
 
 
 def step_seconds(model: nn.Module, tokenizer, weights: dict, settings: OptimizeSettings,

@@ -102,29 +102,78 @@ def obs_sweep_reference(w: torch.Tensor, h: torch.Tensor, column: Callable[[int,
     return W
 
 
+def act_order(h: torch.Tensor) -> torch.Tensor:
+    """GPTQ's "act-order": the input columns by decreasing Hessian diagonal (in,), i.e. by how much
+    activation energy each input carries. Quantizing those first leaves the most columns to absorb
+    their rounding error; the order depends only on h, so weights that share a Hessian share it."""
+    return torch.argsort(torch.diag(h), descending=True, stable=True)
+
+
+GPTQ_ORDERS = ("act", "input")
+
+
+def sweep_plan(h: torch.Tensor, gptq_order: str = "act") -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+    """The column order (None: input order) and inverse-Hessian factor GPTQ sweeps a weight with, computed once
+    per Hessian and shared by the weights that read the same inputs (q/k/v, gate/up): `gptq_quantize`'s
+    `order` and `factor`. gptq_order: 'act' (`act_order`, the default of the drivers) or 'input'."""
+    if gptq_order not in GPTQ_ORDERS:
+        raise ValueError(f"gptq_order must be one of {GPTQ_ORDERS}, got {gptq_order!r}.")
+    order = act_order(h) if gptq_order == "act" else None
+    return order, inverse_hessian_factor(h if order is None else h[order][:, order])
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = None,
                   symmetric: bool = False, block_size: int = 128, damp: float = 0.01,
-                  factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
+                  factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  order: torch.Tensor | None = None) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022) for one weight (out, in) given the Hessian h (in, in).
 
     Columns are quantized left to right; each column's rounding error is spread over the columns not
     yet quantized through the inverse Hessian (its upper Cholesky factor). Updates inside a block of
     `block_size` columns are immediate; the rest of the matrix is updated once per block ("lazy batch").
-    Group scales are computed from the already-updated weights when a group starts. `factor`, from
-    `inverse_hessian_factor(h, damp)`, saves the factorisation when several weights share one Hessian.
+    Group scales are computed from the already-updated weights when a group starts.
+
+    `order` (in,), e.g. `act_order(h)`, sweeps the columns in that order instead ("act-order" with static
+    groups): the group scales are then fixed up front from the unchanged weights, so each stored group
+    still holds consecutive inputs and the packed format and kernels are unchanged. `factor` must then
+    come from the permuted Hessian h[order][:, order]. `factor`, from `inverse_hessian_factor(h, damp)`,
+    saves the factorisation when several weights share one Hessian.
     """
     if h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"h must have shape ({w.shape[1]}, {w.shape[1]}) for a weight {tuple(w.shape)}, "
                          f"got {tuple(h.shape)}.")
-    h_inv, dead = factor if factor is not None else inverse_hessian_factor(h, damp)
+    if order is not None and not torch.equal(torch.sort(order).values, torch.arange(w.shape[1])):
+        raise ValueError(f"order must be a permutation of the {w.shape[1]} input columns, e.g. act_order(h).")
+    if factor is None:
+        factor = inverse_hessian_factor(h if order is None else h[order][:, order], damp)
+    h_inv, dead = factor
     with single_thread():  # thousands of tiny per-column ops: one thread avoids synchronisation cost
-        return _gptq(w, h_inv.float(), dead, bits, group_size, symmetric, block_size)
+        if order is None:
+            return _gptq(w, h_inv.float(), dead, bits, group_size, symmetric, block_size)
+        return _gptq_act_order(w, h_inv.float(), dead, bits, group_size, symmetric, block_size, order)
+
+
+def _gptq_act_order(w: torch.Tensor, h_inv: torch.Tensor, dead: torch.Tensor, bits: int, group_size: int | None,
+                    symmetric: bool, block_size: int, order: torch.Tensor) -> QuantizedWeight:
+    """`_gptq` on the columns taken in `order`, with static groups: scale and zero of each group of
+    consecutive inputs come from the weights before the sweep, then the codes return to input order."""
+    gs = check_group_size(w.shape[1], group_size)
+    grouped = w.detach().float().reshape(w.shape[0], -1, gs)  # (out, in / gs, gs)
+    scales, zeros = quant_params(grouped, bits, symmetric)  # (out, in / gs) each
+    group_of = order // gs  # (in,) the stored group of each column in sweep order
+    q = _gptq(w[:, order], h_inv, dead, bits, gs, symmetric, block_size,
+              static=(scales.T[group_of], zeros.T[group_of]))  # codes in sweep order
+    codes = torch.empty_like(q.codes)  # (out, in)
+    codes[:, order] = q.codes
+    return QuantizedWeight(codes, scales.half(), zeros.to(torch.uint8), bits, gs, symmetric)
 
 
 def _gptq(w: torch.Tensor, h_inv: torch.Tensor, dead: torch.Tensor, bits: int, group_size: int | None,
-          symmetric: bool, block_size: int) -> QuantizedWeight:
+          symmetric: bool, block_size: int,
+          static: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
     """The column loop of `gptq_quantize` on the transposed weight (in, out), so that column j of w is the
-    contiguous row j here and each compensation is one rank-1 update (addr_): ~3x faster than on (out, in)."""
+    contiguous row j here and each compensation is one rank-1 update (addr_): ~3x faster than on (out, in).
+    `static`: a fixed (scale, zero) per column (in, out) each, instead of one per group computed in the sweep."""
     check_bits(bits)
     out, inp = w.shape
     gs = check_group_size(inp, group_size)
@@ -142,7 +191,9 @@ def _gptq(w: torch.Tensor, h_inv: torch.Tensor, dead: torch.Tensor, bits: int, g
         hinv_blk = h_inv[b1:b2, b1:b2]  # (B, B)
         for i in range(b2 - b1):
             col = b1 + i
-            if col % gs == 0:  # a new group starts: its scale comes from the weights as updated so far
+            if static is not None:  # act-order: this column's group was fixed before the sweep
+                scale, zero = static[0][col], static[1][col]
+            elif col % gs == 0:  # a new group starts: its scale comes from the weights as updated so far
                 grp = torch.cat([blk[i:], wt[b2:]])[:gs]  # (gs, out)
                 scale, zero = quant_params(grp.T, bits, symmetric)  # (out,)
                 scales[col // gs], zeros[col // gs] = scale, zero
@@ -187,14 +238,19 @@ def awq_search_scale(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: in
 def quantize_model_layerwise(model: nn.Module, calib_ids: torch.Tensor, method: str, bits: int,
                              group_size: int | None = 128, symmetric: bool = False,
                              layers: Iterable[int] | None = None, awq_rows: int = 1024,
-                             log: Callable[[str], None] | None = None) -> dict[str, nn.Module]:
+                             log: Callable[[str], None] | None = None,
+                             gptq_order: str = "act") -> dict[str, nn.Module]:
     """Quantize the decoder linears with 'gptq' or 'awq', one layer at a time, in place.
 
     Each layer sees the calibration activations produced by the layers before it, already quantized
-    (as in the GPTQ paper). Returns the original modules, for `restore_modules`.
+    (as in the GPTQ paper). `gptq_order` (GPTQ only, see `sweep_plan`): 'act' sweeps each weight's columns
+    by decreasing activation energy, with static groups; 'input' left to right. Returns the original
+    modules, for `restore_modules`.
     """
     if method not in ("gptq", "awq"):
         raise ValueError(f"method must be 'gptq' or 'awq', got {method!r}.")
+    if gptq_order not in GPTQ_ORDERS:
+        raise ValueError(f"gptq_order must be one of {GPTQ_ORDERS}, got {gptq_order!r}.")
     check_bits(bits)
     decoder = decoder_layers(model)
     chosen = set(range(len(decoder)) if layers is None else layers)
@@ -209,12 +265,13 @@ def quantize_model_layerwise(model: nn.Module, calib_ids: torch.Tensor, method: 
             new = {}
             hessians = shared_hessians(xs) if method == "gptq" else {}
             distinct = {id(h): h for h in hessians.values()}  # q/k/v and gate/up share theirs
-            factors = {key: inverse_hessian_factor(h) for key, h in distinct.items()}  # one per distinct Hessian
+            plans = {key: sweep_plan(h, gptq_order) for key, h in distinct.items()}  # one per distinct Hessian
             for name, x in xs.items():
                 linear = layer.get_submodule(name)
                 if method == "gptq":
                     h = hessians[name]
-                    qw = gptq_quantize(linear.weight, h, bits, group_size, symmetric, factor=factors[id(h)])
+                    order, factor = plans[id(h)]
+                    qw = gptq_quantize(linear.weight, h, bits, group_size, symmetric, factor=factor, order=order)
                     new[name] = QuantLinear(qw, linear.bias)
                 else:
                     s, _, _ = awq_search_scale(linear.weight, x, bits, group_size, symmetric)
@@ -233,16 +290,18 @@ Option = tuple[int, int | None]  # (bits, group_size); group_size None = one sca
 
 @torch.no_grad()
 def gptq_options(model: nn.Module, calib_ids: torch.Tensor, wanted: Mapping[str, Sequence[Option]],
-                 symmetric: bool = False, on_layer: Callable[[int], None] | None = None
-                 ) -> dict[tuple[str, Option], QuantizedWeight]:
+                 symmetric: bool = False, on_layer: Callable[[int], None] | None = None,
+                 gptq_order: str = "act") -> dict[tuple[str, Option], QuantizedWeight]:
     """GPTQ of chosen decoder linears at one or more (bits, group_size) each; the model is not changed.
 
     `wanted` maps full names ("model.layers.3.mlp.up_proj") to the options to compute. Unlike
     `quantize_model_layerwise`, every layer is calibrated on the FLOAT model's activations, so each weight's
     codes depend only on its own option: a mixed-precision search can price each linear alone and combine
     any choice afterwards. One Hessian factorisation serves every option of a linear (and its q/k/v or
-    gate/up siblings). Returns {(name, option): QuantizedWeight}.
+    gate/up siblings); `gptq_order` as in `sweep_plan`. Returns {(name, option): QuantizedWeight}.
     """
+    if gptq_order not in GPTQ_ORDERS:
+        raise ValueError(f"gptq_order must be one of {GPTQ_ORDERS}, got {gptq_order!r}.")
     decoder = decoder_layers(model)
     known = {linear_key(i, n) for i in range(len(decoder)) for n in LINEAR_NAMES}
     unknown = sorted(set(wanted) - known)
@@ -257,11 +316,12 @@ def gptq_options(model: nn.Module, calib_ids: torch.Tensor, wanted: Mapping[str,
         names = [n for n in LINEAR_NAMES if linear_key(i, n) in wanted]
         if names:
             hessians = shared_hessians(collect_linear_inputs(layer, hidden, kwargs[i]))
-            factors = {id(h): inverse_hessian_factor(h) for h in hessians.values()}
+            plans = {id(h): sweep_plan(h, gptq_order) for h in hessians.values()}
             for name in names:
                 h, w, key = hessians[name], layer.get_submodule(name).weight, linear_key(i, name)
+                order, factor = plans[id(h)]
                 for bits, gs in wanted[key]:
-                    out[key, (bits, gs)] = gptq_quantize(w, h, bits, gs, symmetric, factor=factors[id(h)])
+                    out[key, (bits, gs)] = gptq_quantize(w, h, bits, gs, symmetric, factor=factor, order=order)
         if on_layer:
             on_layer(i)
         hidden = layer(hidden, **kwargs[i])  # (n, t, d) the float inputs of the next layer
