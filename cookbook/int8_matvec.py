@@ -5,8 +5,8 @@ PyTorch's int8 kernel reads int8 weights at about half the bytes/s a float32 mat
 2-core Xeon (13 against 29 GB/s for the 262k x 640 head, cache cold), so the int8 rows sat far below their memory
 roofline. The C++ loop here streams each thread's rows with a software prefetch a few rows ahead and sums in
 float32; it is compiled once per machine on first use (`torch.utils.cpp_extension`, about 20 s, cached), for that
-CPU's vector instructions, and registered as the custom op `cookbook::int8_matvec`, so `torch.compile` keeps it
-inside a fullgraph decode step. Without a C++ compiler, or with `COOKBOOK_INT8_KERNEL=aten`, `status()` says why
+CPU's vector instructions, and registered with PyTorch's dispatcher as the op `cookbook::int8_matvec` (in C++, so
+a call costs no Python), with a shape function here, so `torch.compile` keeps it inside a fullgraph decode step. Without a C++ compiler, or with `COOKBOOK_INT8_KERNEL=aten`, `status()` says why
 and the linears keep PyTorch's kernel.
 """
 
@@ -46,7 +46,13 @@ def _extension():
     except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as err:  # no compiler, no ninja,
         # a compile error: say so and keep the aten kernel
         return None, f"building {SOURCE.name} failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    torch.library.register_fake("cookbook::int8_matvec")(_output_shape)  # loading the binary defined the op
     return module, None
+
+
+def _output_shape(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What the op returns, for tracing (`torch.compile`): x (m, k), codes (n, k) -> (m, n) float32."""
+    return x.new_empty((x.shape[0], codes.shape[0]))
 
 
 def status() -> str:
@@ -59,15 +65,10 @@ def available() -> bool:
     return _extension()[0] is not None
 
 
-@torch.library.custom_op("cookbook::int8_matvec", mutates_args=())
 def int8_matvec(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (m, k) float32 @ (codes (n, k) int8 * scale (n,) bf16 per row).T -> (m, n) float32."""
-    return _extension()[0].int8_matvec(x.contiguous(), codes, scale)
-
-
-@int8_matvec.register_fake
-def _(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0], codes.shape[0]))
+    """x (m, k) float32 @ (codes (n, k) int8 * scale (n,) bf16 per row).T -> (m, n) float32. Only where
+    `available()`: callers check it once (a packed module at construction) and keep PyTorch's kernel otherwise."""
+    return torch.ops.cookbook.int8_matvec(x.contiguous(), codes, scale)
 
 
 def use_for(on: bool, rows: int, device: torch.device) -> bool:
