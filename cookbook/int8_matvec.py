@@ -6,8 +6,9 @@ PyTorch's int8 kernel reads int8 weights at about half the bytes/s a float32 mat
 roofline. The C++ loop here streams each thread's rows with a software prefetch a few rows ahead and sums in
 float32; it is compiled once per machine on first use (`torch.utils.cpp_extension`, about 20 s, cached), for that
 CPU's vector instructions, and registered with PyTorch's dispatcher as the op `cookbook::int8_matvec` (in C++, so
-a call costs no Python), with a shape function here, so `torch.compile` keeps it inside a fullgraph decode step. Without a C++ compiler, or with `COOKBOOK_INT8_KERNEL=aten`, `status()` says why
-and the linears keep PyTorch's kernel.
+a call costs no Python), with a shape function here, so `torch.compile` keeps it inside a fullgraph decode step.
+Without a C++ compiler, or with `COOKBOOK_INT8_KERNEL=aten`, `status()` says why and the linears keep PyTorch's
+kernel.
 """
 
 from __future__ import annotations

@@ -53,8 +53,7 @@ class OptimizeSettings:
 
     def __post_init__(self) -> None:
         check_formats(self.linear_formats, self.head_formats)
-        if self.gptq_order not in Q.GPTQ_ORDERS:
-            raise ValueError(f"gptq_order must be one of {Q.GPTQ_ORDERS}, got {self.gptq_order!r}.")
+        Q.check_gptq_order(self.gptq_order)
         if min(self.calib_samples, self.profile_samples, self.candidates, self.repeats) < 1:
             raise ValueError("calib_samples, profile_samples, candidates and repeats must all be >= 1.")
         if min(self.calib_seq_len, self.profile_seq_len) < 2 or self.new_tokens < 2:

@@ -11,7 +11,7 @@ from .formats import (SUPPORTED_BITS, Int8TiedEmbedding, QuantizedWeight, QuantL
                       quant_params, quantize_codes, quantize_linears_rtn, quantize_per_tensor,
                       quantize_tied_embedding_int8, quantize_weight, replace_tied_table, restore_modules, swap_modules,
                       unpack_bits, unpack_int4)
-from .gptq_awq import (GPTQ_ORDERS, act_order, awq_search_scale, sweep_plan, collect_linear_inputs, gptq_options, gptq_quantize, hessian, inverse_hessian_factor,
+from .gptq_awq import (GPTQ_ORDERS, act_order, check_gptq_order, awq_search_scale, sweep_plan, collect_linear_inputs, gptq_options, gptq_quantize, hessian, inverse_hessian_factor,
                        obs_sweep_reference, quantize_model_layerwise, shared_hessians)
 from .nf4 import (DQ_BLOCK, NF4_CODEBOOK, NF4Linear, NF4Tensor, dequantize_absmax_int8, dequantize_nf4, nearest_code,
                   nf4_codebook_from_normal, quantize_absmax_int8, quantize_linears_nf4, quantize_nf4)
@@ -25,6 +25,6 @@ __all__ = [
     "swap_modules", "restore_modules", "quantize_linears_rtn", "nf4_codebook_from_normal", "NF4_CODEBOOK",
     "nearest_code", "NF4Tensor", "DQ_BLOCK", "quantize_absmax_int8", "dequantize_absmax_int8", "quantize_nf4",
     "dequantize_nf4", "NF4Linear", "quantize_linears_nf4", "collect_linear_inputs", "hessian", "shared_hessians",
-    "inverse_hessian_factor", "obs_sweep_reference", "act_order", "sweep_plan", "GPTQ_ORDERS", "gptq_quantize", "gptq_options", "awq_search_scale", "quantize_model_layerwise", "outlier_columns",
+    "inverse_hessian_factor", "obs_sweep_reference", "act_order", "sweep_plan", "GPTQ_ORDERS", "check_gptq_order", "gptq_quantize", "gptq_options", "awq_search_scale", "quantize_model_layerwise", "outlier_columns",
     "Int8MixedLinear", "smoothing_scale", "W8A8Linear", "activation_absmax",
 ]

@@ -112,14 +112,24 @@ def act_order(h: torch.Tensor) -> torch.Tensor:
 GPTQ_ORDERS = ("act", "input")
 
 
+def check_gptq_order(gptq_order: str) -> None:
+    if gptq_order not in GPTQ_ORDERS:
+        raise ValueError(f"gptq_order must be one of {GPTQ_ORDERS}, got {gptq_order!r}.")
+
+
+def ordered_factor(h: torch.Tensor, order: torch.Tensor | None,
+                   damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """`inverse_hessian_factor` of h with rows and columns taken in `order` (None: as they are)."""
+    return inverse_hessian_factor(h if order is None else h[order][:, order], damp)
+
+
 def sweep_plan(h: torch.Tensor, gptq_order: str = "act") -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
     """The column order (None: input order) and inverse-Hessian factor GPTQ sweeps a weight with, computed once
     per Hessian and shared by the weights that read the same inputs (q/k/v, gate/up): `gptq_quantize`'s
     `order` and `factor`. gptq_order: 'act' (`act_order`, the default of the drivers) or 'input'."""
-    if gptq_order not in GPTQ_ORDERS:
-        raise ValueError(f"gptq_order must be one of {GPTQ_ORDERS}, got {gptq_order!r}.")
+    check_gptq_order(gptq_order)
     order = act_order(h) if gptq_order == "act" else None
-    return order, inverse_hessian_factor(h if order is None else h[order][:, order])
+    return order, ordered_factor(h, order)
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = None,
@@ -144,9 +154,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int |
                          f"got {tuple(h.shape)}.")
     if order is not None and not torch.equal(torch.sort(order).values, torch.arange(w.shape[1])):
         raise ValueError(f"order must be a permutation of the {w.shape[1]} input columns, e.g. act_order(h).")
-    if factor is None:
-        factor = inverse_hessian_factor(h if order is None else h[order][:, order], damp)
-    h_inv, dead = factor
+    h_inv, dead = factor if factor is not None else ordered_factor(h, order, damp)
     with single_thread():  # thousands of tiny per-column ops: one thread avoids synchronisation cost
         if order is None:
             return _gptq(w, h_inv.float(), dead, bits, group_size, symmetric, block_size)
@@ -249,8 +257,7 @@ def quantize_model_layerwise(model: nn.Module, calib_ids: torch.Tensor, method: 
     """
     if method not in ("gptq", "awq"):
         raise ValueError(f"method must be 'gptq' or 'awq', got {method!r}.")
-    if gptq_order not in GPTQ_ORDERS:
-        raise ValueError(f"gptq_order must be one of {GPTQ_ORDERS}, got {gptq_order!r}.")
+    check_gptq_order(gptq_order)
     check_bits(bits)
     decoder = decoder_layers(model)
     chosen = set(range(len(decoder)) if layers is None else layers)
@@ -300,8 +307,7 @@ def gptq_options(model: nn.Module, calib_ids: torch.Tensor, wanted: Mapping[str,
     any choice afterwards. One Hessian factorisation serves every option of a linear (and its q/k/v or
     gate/up siblings); `gptq_order` as in `sweep_plan`. Returns {(name, option): QuantizedWeight}.
     """
-    if gptq_order not in GPTQ_ORDERS:
-        raise ValueError(f"gptq_order must be one of {GPTQ_ORDERS}, got {gptq_order!r}.")
+    check_gptq_order(gptq_order)
     decoder = decoder_layers(model)
     known = {linear_key(i, n) for i in range(len(decoder)) for n in LINEAR_NAMES}
     unknown = sorted(set(wanted) - known)
