@@ -53,7 +53,7 @@ def nll_sum(model, tokenizer, ids: torch.Tensor, seq_len: int, stride: int) -> t
         total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum").item()
         scored += int((targets != -100).sum())
         prev_end = end
-        if end == len(ids):
+        if end == len(ids) or not math.isfinite(total):  # a non-finite sum (fp16 overflow) stays non-finite
             break
     return total, scored
 

@@ -33,6 +33,21 @@ def test_uniform_model_has_perplexity_equal_to_vocab(tokenizer):
     assert model.seen_lengths == [64, 64, 64, 8]  # BOS + all but the last token of each window
 
 
+class OverflowingModel(UniformModel):
+    """Logits that overflow (NaN), as fp16 inference of Gemma does (notebook 01)."""
+
+    def forward(self, input_ids):
+        out = super().forward(input_ids)
+        return SimpleNamespace(logits=out.logits + float("nan"))
+
+
+def test_a_non_finite_window_ends_the_evaluation(tokenizer):
+    model = OverflowingModel(len(tokenizer))
+    ppl = perplexity(model, tokenizer, PerplexityProtocol(seq_len=64, stride=64, max_tokens=200))
+    assert math.isnan(ppl)
+    assert model.seen_lengths == [64]  # the sum cannot become finite again: no need to run the other windows
+
+
 @pytest.mark.parametrize("seq_len,stride", [(64, 64), (64, 32), (50, 7)])
 def test_every_token_scored_exactly_once(tokenizer, seq_len, stride):
     ids = encode(tokenizer, load_text("shakespeare_eval"), 300)
