@@ -7,9 +7,12 @@ to PyTorch's packed matmuls, which dequantize inside the kernel, tile by tile, i
 
 - int4, one scale and zero per group of 32/64/128/256 inputs: `aten._weight_int4pack_mm_for_cpu`, after
   `aten._convert_weight_to_int4pack_for_cpu` has laid the codes out for it (2 codes per byte);
-- int8, one scale per output channel: `aten._weight_int8pack_mm` (1 byte per weight); for decode steps (up to
-  `int8_matvec.MAX_ROWS` rows) our own kernel `cookbook.int8_matvec`, which reads the int8 codes about twice as
-  fast on our CPUs, wherever it builds (`int8_matvec.status()` says which ran).
+- int8, one scale per output channel: `aten._weight_int8pack_mm` (1 byte per weight).
+
+For decode steps (up to `matvec.MAX_ROWS` rows) both formats run our own kernels instead (`cookbook.matvec`,
+compiled for this CPU on first use, reading the same buffers), wherever they build (`matvec.status()` says which
+ran): the int8 one reads the codes about twice as fast as PyTorch's on our CPUs; the int4 one is about 10% faster
+than PyTorch's vector kernel and does not depend on torch's build (see below). Both take float32 activations.
 
 Both kernels are fast with bfloat16 activations and fall back to slow scalar code with float32 ones, so the
 activation is cast to bf16 around the call only; the rest of the model keeps its dtype. Where a format has no
@@ -17,8 +20,9 @@ kernel (NF4's non-uniform levels, int8 in groups, shapes the kernel rejects) `pa
 and raises, or, with `fallback=True`, keeps the reference module and returns the reason: never a silent
 slowdown. CPU kernels only for now: for a weight on a GPU `why_not_packed` says so.
 
-Under torch's scalar build (ATEN_CPU_CAPABILITY=default, or a CPU it has no vector code for) the kernels are
-scalar loops: a decode step still beats the reference path, but a 256-token window takes minutes. There, inputs
+Under torch's scalar build (ATEN_CPU_CAPABILITY=default, or a CPU it has no vector code for) PyTorch's kernels are
+scalar loops: its int4 decode step is about 30x slower than ours (the decode steps run ours, compiled for the CPU
+whatever torch dispatches to), and a 256-token window takes minutes. There, inputs
 of `SCALAR_FLOAT_ROWS` rows or more (prefill, perplexity) dequantize the weight once per call and multiply in
 float32 through BLAS, whose speed does not depend on that setting: the same codes, other rounding (float32
 activations instead of bf16). `float_path` decides; a test checks that both paths agree.
@@ -32,7 +36,7 @@ import functools
 import torch
 from torch import nn
 
-from . import int8_matvec as our_int8
+from . import matvec
 from .measure import cpu_has_native_bf16, cpu_vector_kernels
 from .quantization import (HeadView, Int8TiedEmbedding, QuantizedWeight, QuantLinear, quantize_linears_rtn,
                            quantize_weight, replace_tied_table, swap_modules)
@@ -135,11 +139,17 @@ class PackedInt4Linear(_PackedLinear):
         codes = qw.codes.to(torch.int32)  # (out, in) in [0, 15]
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))  # (out, in/2)
         self.register_buffer("scales_and_zeros", int4_scales_and_zeros(qw).to(KERNEL_DTYPE))  # (in // g, out, 2)
-        layout = int4_layout()  # to read the codes back on the float path (None: that path is off)
+        layout = int4_layout()  # to read the codes back: our kernel, the float path (None: both are off)
         self.layout = layout if layout is not None and self.out_features % layout[0] == 0 else None
+        self.ours = matvec.int4_reads(self.layout)  # fixed here: a compiled forward sees a constant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if float_path(x.numel() // self.in_features) and self.layout is not None:
+        rows = x.numel() // self.in_features
+        if matvec.use_for(self.ours, rows, x.device):
+            y = matvec.int4_matvec(self._kernel_input(x, torch.float32), self.packed, self.scales_and_zeros,
+                                   self.group_size, self.layout)  # (m, out)
+            return self._output(y, x)  # (..., out)
+        if float_path(rows) and self.layout is not None:
             return self._output(self._kernel_input(x, x.dtype) @ self.dequantized().T.to(x.dtype), x)  # (..., out)
         x2 = self._kernel_input(x)  # (m, in) bf16
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
@@ -168,13 +178,13 @@ class PackedInt8Linear(_PackedLinear):
         self.register_buffer("scale", scale.to(KERNEL_DTYPE))
         shift = (qw.zero.float().flatten() - 128) * scale  # (out,) zero for the symmetric grid
         self.register_buffer("zero_shift", None if qw.symmetric else shift)
-        self.ours = our_int8.available()  # fixed here: a compiled forward sees a constant
+        self.ours = matvec.available()  # fixed here: a compiled forward sees a constant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if our_int8.use_for(self.ours, rows, x.device):
+        if matvec.use_for(self.ours, rows, x.device):
             x2 = self._kernel_input(x, torch.float32)  # (m, in)
-            y = our_int8.int8_matvec(x2, self.codes, self.scale)  # (m, out)
+            y = matvec.int8_matvec(x2, self.codes, self.scale)  # (m, out)
         elif float_path(rows):
             x2 = self._kernel_input(x, torch.float32)  # (m, in)
             y = x2 @ (self.codes.float() * self.scale.float()[:, None]).T  # (m, out)
@@ -231,12 +241,12 @@ class PackedInt8Head(nn.Module):
             raise ValueError(f"this torch ({torch.__version__}) has no aten._weight_int8pack_mm; upgrade torch.")
         self.table = table  # shared with the embedding lookup: the codes are stored once
         self.register_buffer("kernel_scale", table.scale.flatten().to(KERNEL_DTYPE))  # (V,) in the kernel dtype
-        self.ours = our_int8.available()  # fixed here: a compiled forward sees a constant
+        self.ours = matvec.available()  # fixed here: a compiled forward sees a constant
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h2 = h.reshape(-1, h.shape[-1])  # (m, d)
-        if our_int8.use_for(self.ours, len(h2), h.device):
-            logits = our_int8.int8_matvec(h2.float(), self.table.codes, self.kernel_scale)  # (m, V)
+        if matvec.use_for(self.ours, len(h2), h.device):
+            logits = matvec.int8_matvec(h2.float(), self.table.codes, self.kernel_scale)  # (m, V)
         elif float_path(len(h2)):
             weight = self.table.codes.float() * self.kernel_scale.float()[:, None]  # (V, d)
             logits = h2.float() @ weight.T  # (m, V)
@@ -254,14 +264,18 @@ def pack_int8_head(model: nn.Module) -> dict[str, nn.Module]:
     return swap_modules(model, {"lm_head": PackedInt8Head(head.table)})
 
 
-def use_our_int8_kernel(model: nn.Module, on: bool = True) -> int:
-    """Send `model`'s packed int8 decode steps through our kernel (on) or PyTorch's (off), to compare the two on the
-    same codes; returns how many modules it switched. A compiled decoder must be built again after a switch."""
-    if on and not our_int8.available():
-        raise ValueError(f"Our int8 kernel is not available here: {our_int8.status()}.")
-    switched = [m for m in model.modules() if isinstance(m, (PackedInt8Linear, PackedInt8Head))]
-    for m in switched:
-        m.ours = on
+def use_our_kernels(model: nn.Module, on: bool = True) -> int:
+    """Send `model`'s packed decode steps (int8 and int4) through our kernels (on) or PyTorch's (off), to compare
+    the two on the same codes; returns how many modules it switched. A compiled decoder must be built again after
+    a switch."""
+    if on and not matvec.available():
+        raise ValueError(f"Our kernels are not available here: {matvec.status()}.")
+    switched = []
+    for m in model.modules():
+        if isinstance(m, (PackedInt8Linear, PackedInt8Head)) or (
+                isinstance(m, (PackedInt4Linear, PackedInt4TiedTable)) and matvec.int4_reads(m.layout)):
+            m.ours = on
+            switched.append(m)
     return len(switched)
 
 
@@ -327,11 +341,31 @@ def int4pack_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int,
     return _read_rows(packed, rows, in_features, layout)
 
 
+def _all_rows(packed: torch.Tensor, in_features: int, layout: tuple[int, str]) -> torch.Tensor:
+    """`_read_rows` of every row in order, without a gather: each block's two nibbles put side by side."""
+    block_n, pairing = layout
+    blocks = packed.view(-1, in_features, block_n // 2)  # (N / block_n, in, block_n / 2)
+    low, high = blocks & 15, blocks >> 4  # each (N / block_n, in, block_n / 2)
+    if pairing == "half":  # rows j < block_n / 2 in the low nibbles, j + block_n / 2 in the high ones
+        rows = torch.cat([low, high], dim=-1)  # (N / block_n, in, block_n)
+    else:  # rows 2i (low) and 2i + 1 (high)
+        rows = torch.stack([low, high], dim=-1).view(blocks.shape[0], in_features, block_n)
+    return rows.transpose(1, 2).reshape(-1, in_features)  # (N, in)
+
+
 def int4pack_weight(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, in_features: int,
                     layout: tuple[int, str] | None) -> torch.Tensor:
-    """The whole float32 matrix (n, in) held in the int4 kernel's layout: every row read back, dequantized."""
-    codes = int4pack_rows(packed, torch.arange(scales_and_zeros.shape[1]), in_features, layout)  # (n, in)
-    return int4_dequantize(codes, scales_and_zeros, group_size)  # (n, in)
+    """The whole float32 matrix (n, in) held in the int4 kernel's layout: `int4_dequantize` of every row read back
+    (`int4pack_rows`), the same values in fewer passes over the matrix: the float path of the scalar build runs
+    this on every linear of every prefill, and torch's scalar elementwise kernels make each pass count."""
+    if layout is None:
+        raise ValueError("This torch packs int4 weights in a layout the row reader does not know.")
+    codes = _all_rows(packed, in_features, layout)  # (n, in) uint8
+    n = codes.shape[0]
+    sz = scales_and_zeros.float()  # (in // group, n, 2)
+    w = codes.view(n, -1, group_size).float()  # (n, in // group, group)
+    w.sub_(8).mul_(sz[..., 0].T[..., None]).add_(sz[..., 1].T[..., None])  # (q - 8) s + (8 - z) s, per group
+    return w.view(n, in_features)  # (n, in)
 
 
 class PackedInt4TiedTable(nn.Module):
@@ -356,6 +390,7 @@ class PackedInt4TiedTable(nn.Module):
         self.register_buffer("scales_and_zeros", torch.cat(scales, dim=1).to(KERNEL_DTYPE))  # (d // g, V, 2)
         self.embed_scale, self.group_size, self.in_features = float(embed_scale), group_size, d
         self.layout = int4_layout()  # found once here, so a compiled forward never runs the probe
+        self.ours = matvec.int4_reads(self.layout)  # fixed here: a compiled forward sees a constant
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)  # (n,)
@@ -365,7 +400,10 @@ class PackedInt4TiedTable(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h2 = h.reshape(-1, self.in_features)  # (m, d)
-        if float_path(len(h2)):
+        if matvec.use_for(self.ours, len(h2), h.device):
+            out = matvec.int4_matvec(h2.float(), self.packed, self.scales_and_zeros, self.group_size,
+                                     self.layout)  # (m, V)
+        elif float_path(len(h2)):
             weight = int4pack_weight(self.packed, self.scales_and_zeros, self.group_size, self.in_features,
                                      self.layout)  # (V, d)
             out = h2.float() @ weight.T  # (m, V)

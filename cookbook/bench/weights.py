@@ -11,7 +11,7 @@ import torch
 
 from .. import decoding as dec
 from .. import distillation as D
-from .. import int8_matvec as our_int8
+from .. import matvec
 from .. import kernels as K
 from .. import lora, moe
 from .. import pruning as P
@@ -51,7 +51,7 @@ def packed_note() -> str:
     """What the packed rows ran: the kernels, the activation dtype around them, and whether the CPU has bf16."""
     native = "native bf16 on this CPU" if cpu_has_native_bf16() else "no native bf16 on this CPU (converted)"
     return (f"packed int8/int4 kernels (aten._weight_int*pack_mm), activations cast to bf16 around them; {native}; "
-            f"int8 decode steps: {our_int8.status()}")
+            f"decode steps: {matvec.status()}")
 
 
 def packed_rows(work, tokenizer, device, settings: BenchSettings, variant: str, fmt: str,
@@ -90,8 +90,8 @@ def bench_rtn(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
         rows += packed_rows(work, tokenizer, device, settings, f"RTN int{bits}", fmt)
         if bits == 8 and settings.compile and device.type == "cpu":  # the int8 target of the report
             rows.append(compiled_row(work, tokenizer, settings, rows[-1]))
-            if our_int8.available():  # the same codes on PyTorch's int8 kernel, for comparison
-                K.use_our_int8_kernel(work, on=False)
+            if matvec.available():  # the same codes on PyTorch's int8 kernel, for comparison
+                K.use_our_kernels(work, on=False)
                 rows.append(compiled_row(work, tokenizer, settings, rows[-2] | {
                     "variant": rows[-2]["variant"] + ", PyTorch's int8 kernel"}))
         del work
