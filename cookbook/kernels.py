@@ -330,6 +330,20 @@ def _read_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int, layou
     return torch.where(high[:, None], data >> 4, data & 15)  # (n, in)
 
 
+def pack_in_layout(codes: torch.Tensor, layout: tuple[int, str]) -> torch.Tensor:
+    """codes (n, in) in [0, 15] laid out as `layout` (one of `INT4_LAYOUTS`) packs them, (n, in / 2) uint8: the
+    readable statement of the layouts `_read_rows` and our int4 kernel read, so tests can build each one whichever
+    layout this process's torch packs in."""
+    block_n, pairing = layout
+    n, k = codes.shape
+    blocks = codes.reshape(n // block_n, block_n, k).permute(0, 2, 1)  # (N / block_n, in, block_n)
+    if pairing == "half":  # rows j and j + block_n / 2 share a byte, low nibble first
+        low, high = blocks[..., :block_n // 2], blocks[..., block_n // 2:]
+    else:  # rows 2i and 2i + 1
+        low, high = blocks[..., 0::2], blocks[..., 1::2]
+    return (low | (high << 4)).to(torch.uint8).reshape(n, k // 2)  # (n, in / 2)
+
+
 def int4pack_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int,
                   layout: tuple[int, str] | None = None) -> torch.Tensor:
     """The 4-bit codes (len(rows), in) of `rows` read back from `aten._convert_weight_to_int4pack_for_cpu`'s

@@ -154,23 +154,15 @@ def test_int4pack_rows_reads_the_kernel_layout_back():
     assert torch.equal(K.int4pack_rows(packed, torch.arange(192), 96).int(), codes)
 
 
-def _pack_as(codes, block_n, pairing):
-    # the layouts torch's int4 packer uses on AVX-512 / AVX2 / generic CPUs, written out for the test
-    n, k = codes.shape
-    blocks = codes.reshape(n // block_n, block_n, k).permute(0, 2, 1)  # (N / bn, k, bn)
-    if pairing == "half":
-        lo, hi = blocks[..., : block_n // 2], blocks[..., block_n // 2:]
-    else:
-        lo, hi = blocks[..., 0::2], blocks[..., 1::2]
-    return (lo | (hi << 4)).to(torch.uint8).reshape(n, k // 2)
-
-
 @pytest.mark.parametrize("layout", K.INT4_LAYOUTS)
 def test_every_known_int4_layout_reads_back(layout):
     # one process sees one layout (the ISA torch dispatches to); the reader must handle each of them
     codes = torch.randint(0, 16, (128, 64), dtype=torch.int32)
-    packed = _pack_as(codes, *layout)
+    packed = K.pack_in_layout(codes, layout)
     assert torch.equal(K._read_rows(packed, torch.arange(128), 64, layout).int(), codes)
+    assert torch.equal(K._all_rows(packed, 64, layout).int(), codes)  # the whole-matrix reader of the float path
+    sz = torch.randn(2, 128, 2).bfloat16()  # (in // 32, n, 2)
+    assert torch.equal(K.int4pack_weight(packed, sz, 32, 64, layout), K.int4_dequantize(codes, sz, 32))
 
 
 def test_int4_tied_table_looks_up_and_scores_with_the_same_codes():

@@ -84,19 +84,6 @@ def test_the_environment_can_ask_for_pytorchs_kernel():
 # ---------------------------------------------------------------- int4, in PyTorch's CPU int4 layout
 
 
-def _pack(codes: torch.Tensor, layout: tuple[int, str]) -> torch.Tensor:
-    """codes (n, k) in [0, 15] -> (n, k / 2) uint8 in `layout`: blocks of block_n rows, K-major, two rows per
-    byte (the inverse of kernels._read_rows), so every layout is tested whichever one this torch packs."""
-    block_n, pairing = layout
-    n, k = codes.shape
-    blocks = codes.view(n // block_n, block_n, k).transpose(1, 2)  # (n / block_n, k, block_n)
-    if pairing == "half":
-        low, high = blocks[..., :block_n // 2], blocks[..., block_n // 2:]
-    else:
-        low, high = blocks[..., 0::2], blocks[..., 1::2]
-    return (low | (high << 4)).to(torch.uint8).contiguous().view(n, k // 2)
-
-
 def _int4_case(m: int, n: int, k: int, group: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)  # (m, k)
@@ -111,7 +98,7 @@ def _int4_case(m: int, n: int, k: int, group: int, seed: int = 0):
 @pytest.mark.parametrize("m,n,k,group", [(1, 128, 64, 32), (3, 256, 640, 128), (8, 64, 256, 64), (5, 192, 512, 256)])
 def test_int4_matches_the_float64_reference_in_every_layout(layout, m, n, k, group):
     x, codes, sz, reference = _int4_case(m, n, k, group)
-    y = I.int4_matvec(x, _pack(codes, layout), sz, group, layout)
+    y = I.int4_matvec(x, K.pack_in_layout(codes, layout), sz, group, layout)
     assert y.shape == (m, n) and y.dtype == torch.float32
     assert ((y - reference).norm() / reference.norm()).item() < 1e-5  # float32 sums of exact codes and scales
 
@@ -129,7 +116,7 @@ def test_int4_agrees_with_pytorchs_kernel_on_its_packing():
 
 def test_int4_bad_inputs_say_what_they_need():
     x, codes, sz, _ = _int4_case(1, 64, 64, 32)
-    packed = _pack(codes, (64, "half"))
+    packed = K.pack_in_layout(codes, (64, "half"))
     with pytest.raises(RuntimeError, match="1 to 8 rows"):
         I.int4_matvec(torch.randn(9, 64), packed, sz, 32, (64, "half"))
     with pytest.raises(RuntimeError, match="float32"):
