@@ -14,8 +14,8 @@ compiled for this CPU on first use, reading the same buffers), wherever they bui
 ran): the int8 one reads the codes about twice as fast as PyTorch's on our CPUs; the int4 one is about 10% faster
 than PyTorch's vector kernel and does not depend on torch's build (see below). Both take float32 activations.
 
-Both kernels are fast with bfloat16 activations and fall back to slow scalar code with float32 ones, so the
-activation is cast to bf16 around the call only; the rest of the model keeps its dtype. Where a format has no
+PyTorch's kernels are fast with bfloat16 activations and fall back to slow scalar code with float32 ones, so the
+activation is cast to bf16 around their call only; the rest of the model keeps its dtype. Where a format has no
 kernel (NF4's non-uniform levels, int8 in groups, shapes the kernel rejects) `pack_quantized_linears` says so
 and raises, or, with `fallback=True`, keeps the reference module and returns the reason: never a silent
 slowdown. CPU kernels only for now: for a weight on a GPU `why_not_packed` says so.

@@ -125,12 +125,14 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "int4_matvec: x must be a contiguous float32 (m, k) tensor");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(M >= 1 && M <= MAX_M, "int4_matvec: x must have 1 to 8 rows (decode steps); longer inputs take PyTorch's kernel");
+  TORCH_CHECK(M >= 1 && M <= MAX_M,
+              "int4_matvec: x must have 1 to 8 rows (decode steps); longer inputs take PyTorch's kernel");
   TORCH_CHECK(block_n == 32 || block_n == 64, "int4_matvec: block_n must be 32 or 64");
   TORCH_CHECK(group_size > 0 && K % group_size == 0, "int4_matvec: group_size must divide k");
   TORCH_CHECK(scales_and_zeros.dim() == 3 && scales_and_zeros.scalar_type() == torch::kBFloat16 &&
               scales_and_zeros.is_contiguous() && scales_and_zeros.size(0) == K / group_size &&
-              scales_and_zeros.size(2) == 2, "int4_matvec: scales_and_zeros must be a contiguous bf16 (k / group, n, 2) tensor");
+              scales_and_zeros.size(2) == 2,
+              "int4_matvec: scales_and_zeros must be a contiguous bf16 (k / group, n, 2) tensor");
   const int64_t N = scales_and_zeros.size(1);
   TORCH_CHECK(N % block_n == 0, "int4_matvec: n must be a multiple of block_n");
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && packed.numel() == N * K / 2,
@@ -149,6 +151,7 @@ torch::Tensor int4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor s
 }
 
 TORCH_LIBRARY_FRAGMENT(cookbook, m) {
-  m.def("int4_matvec(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int block_n, bool half) -> Tensor");
+  m.def("int4_matvec(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size, int block_n, bool half) "
+        "-> Tensor");
 }
 TORCH_LIBRARY_IMPL(cookbook, CPU, m) { m.impl("int4_matvec", &int4_matvec); }
