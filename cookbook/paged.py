@@ -263,9 +263,9 @@ class KVMemory:
     def engine(self, model, policy: sv.Policy) -> sv.ContinuousEngine:
         if not self.paged:
             return PreallocatedEngine(model, policy.max_batch, policy.priority_delay_s, self.budget_tokens,
-                                      self.reserve_new_tokens)
+                                      self.reserve_new_tokens, policy.mixed)
         pool = BlockPool.for_model(model, self.budget_tokens // self.block_size, self.block_size)
-        return PagedEngine(model, pool, policy.max_batch, policy.priority_delay_s, self.prefix_cache)
+        return PagedEngine(model, pool, policy.max_batch, policy.priority_delay_s, self.prefix_cache, policy.mixed)
 
 
 def token_bytes(model) -> int:
@@ -279,8 +279,8 @@ class PreallocatedEngine(sv.ContinuousEngine):
     while the reservations fit in `budget_tokens` (the baseline a paged cache is measured against)."""
 
     def __init__(self, model, max_batch: int, priority_delay_s: float, budget_tokens: int,
-                 reserve_new_tokens: int | None = None) -> None:
-        super().__init__(model, max_batch, priority_delay_s)
+                 reserve_new_tokens: int | None = None, mixed: bool = False) -> None:
+        super().__init__(model, max_batch, priority_delay_s, mixed=mixed)
         self.budget, self.reserve_new = budget_tokens, reserve_new_tokens
 
     def reservation(self, s: sv.SeqState) -> int:
@@ -324,8 +324,8 @@ class PagedEngine(sv.ContinuousEngine):
     recompute preemption of the last sequence in queue order when the pool runs dry, optional prefix sharing."""
 
     def __init__(self, model, pool: BlockPool, max_batch: int = 64, priority_delay_s: float = 0.0,
-                 prefix_cache: bool = False) -> None:
-        super().__init__(model, max_batch, priority_delay_s)
+                 prefix_cache: bool = False, mixed: bool = False) -> None:
+        super().__init__(model, max_batch, priority_delay_s, mixed=mixed)
         self.pool = pool
         self.prefix = PrefixCache(pool) if prefix_cache else None
 
@@ -345,6 +345,8 @@ class PagedEngine(sv.ContinuousEngine):
     def step(self, clock: sv.VirtualClock) -> list[sv.SeqState]:
         new = self._admit(clock)
         self.stats.peak_running = max(self.stats.peak_running, len(self.running))  # one-token answers retire below
+        if self.mixed and new:
+            return self._mixed_step(new, clock)
         if new:
             self._prefill(new, clock)
         finished = self._retire()  # answers of one token end at their prefill: free their blocks now
@@ -392,18 +394,38 @@ class PagedEngine(sv.ContinuousEngine):
 
     # -- passes
 
-    def _prefill(self, seqs: list[sv.SeqState], clock: sv.VirtualClock) -> None:
-        """One left-padded pass over the tokens of each new sequence that are not in its cache yet."""
+    def _mixed_step(self, new: list[sv.SeqState], clock: sv.VirtualClock) -> list[sv.SeqState]:
+        """A step with newcomers under `mixed=True`: room for one more token in each running sequence, then one
+        packed pass for the newcomers' uncached tokens and the running sequences' last tokens."""
+        running = self._grow([s for s in self.running if s not in new and not s.done])
+        new = [s for s in new if s in self.running]  # growth may preempt a newcomer (the last in queue order)
+        contexts, fed = self._feed(new)
+        sv.mixed_pass(self.model, new, fed, running, clock, self.stats)
+        self._advance_replayed(new + running, [len(f) for f in fed] + [1] * len(running))
+        self._share_prefixes(new, contexts)
+        self.stats.record_memory(self.kv_reserved(), sum(s.cache.length for s in self.running), len(self.running))
+        return self._retire()
+
+    def _feed(self, seqs: list[sv.SeqState]) -> tuple[list[list[int]], list[list[int]]]:
+        """Each new sequence's context and the part of it not in its cache yet (what its prefill computes)."""
         contexts = [context(s) for s in seqs]  # taken before the pass appends each one's next token
         fed = [c[s.cache.length:] for s, c in zip(seqs, contexts)]
         for s, f in zip(seqs, fed):
             self.stats.prefix_hit_tokens += s.cache.length
             self.stats.recomputed_tokens += len(f) if s.preemptions else 0
-        sv.prefill_pass(self.model, seqs, fed, clock, self.stats)
-        self._advance_replayed(seqs, [len(f) for f in fed])
+        return contexts, fed
+
+    def _share_prefixes(self, seqs: list[sv.SeqState], contexts: list[list[int]]) -> None:
         if self.prefix is not None:
             for s, tokens in zip(seqs, contexts):
                 self.prefix.insert(tokens, s.cache.blocks)
+
+    def _prefill(self, seqs: list[sv.SeqState], clock: sv.VirtualClock) -> None:
+        """One left-padded pass over the tokens of each new sequence that are not in its cache yet."""
+        contexts, fed = self._feed(seqs)
+        sv.prefill_pass(self.model, seqs, fed, clock, self.stats)
+        self._advance_replayed(seqs, [len(f) for f in fed])
+        self._share_prefixes(seqs, contexts)
 
     def _advance_replayed(self, seqs: list[sv.SeqState], n: list[int]) -> None:
         """A replayed pass writes nothing; move the lengths as the real pass would have."""

@@ -7,6 +7,9 @@ Everything here is built from scratch on a Hugging Face Gemma 3 model's weights:
   longest, cached keys are left-padded to the longest history, and an attention bias built from the
   true positions hides the padding (and keys outside Gemma 3's sliding window). Left padding puts
   every sequence's last token in the same column, so one slice gives the next-token logits.
+  `forward_packed` runs the same batch without padding, every sequence's new tokens side by side in one row:
+  with `Policy(mixed=True)` newcomers' prompts ride in the running sequences' decode pass instead of a pass of
+  their own (Orca's iteration-level scheduling with selective batching).
 - `simulate` replays a timed workload (`synthetic_workload`, in `cookbook.workload` with the `Request` it is made of)
   under one `Policy` on a virtual clock (`cookbook.clocks`):
   the model really runs, and each forward pass advances the clock by its measured wall time, or by a
@@ -30,7 +33,7 @@ import numpy as np
 
 from .clocks import PassCost, VirtualClock, fit_pass_cost  # noqa: F401  (re-exported: serving runs on them)
 from .core.cache import KVCache
-from .core.forward import forward_tokens
+from .core.forward import forward_packed, forward_tokens
 from .workload import (  # noqa: F401  (re-exported: a request, its checks and workloads are served here)
     HIGH,
     LOW,
@@ -151,20 +154,53 @@ class Replay:
 REPLAYED = "replayed"  # the cache of a sequence in a replayed run: there is none, but it has been prefilled
 
 
-def _pass(model, tokens: list[list[int]], seqs: list[SeqState], clock: VirtualClock, slots: int) -> list[int]:
-    """One forward pass over `seqs` on the clock: the greedy next token of each (replayed if `model` is a Replay)."""
+def _pass(model, tokens: list[list[int]], seqs: list[SeqState], clock: VirtualClock, slots: int,
+          packed: bool = False) -> list[int]:
+    """One forward pass over `seqs` on the clock: the greedy next token of each (replayed if `model` is a Replay).
+    Left-padded (`forward_tokens`), or packed without padding (`forward_packed`)."""
     if isinstance(model, Replay):
         return clock.run(lambda: model.next_tokens(seqs), len(seqs), slots)
-    logits = clock.run(lambda: forward_tokens(model, tokens, [s.cache for s in seqs]), len(seqs), slots)  # (b, V)
+    run = forward_packed if packed else forward_tokens
+    logits = clock.run(lambda: run(model, tokens, [s.cache for s in seqs]), len(seqs), slots)  # (b, V)
     return logits.argmax(-1).tolist()
+
+
+def _new_caches(model, seqs: list[SeqState]) -> None:
+    """Give each new sequence a cache sized for its whole request."""
+    for s in seqs:
+        capacity = len(s.request.prompt_ids) + s.request.max_new_tokens
+        s.cache = REPLAYED if isinstance(model, Replay) else KVCache.for_model(model, capacity)
 
 
 def _prefill(model, seqs: list[SeqState], clock: VirtualClock, stats: Stats) -> None:
     """One left-padded prefill pass over new sequences, each in a cache sized for its whole request."""
-    for s in seqs:
-        capacity = len(s.request.prompt_ids) + s.request.max_new_tokens
-        s.cache = REPLAYED if isinstance(model, Replay) else KVCache.for_model(model, capacity)
+    _new_caches(model, seqs)
     prefill_pass(model, seqs, [s.request.prompt_ids for s in seqs], clock, stats)
+
+
+def _take(s: SeqState, token: int, clock: VirtualClock) -> None:
+    """Append a pass's token to s, stamping its first-token time (a preempted sequence keeps its first) and its
+    finish time if the token ends it."""
+    s.output.append(token)
+    if s.first_token_s is None:
+        s.first_token_s = clock.now
+    if s.done:
+        s.finished_s = clock.now
+
+
+def mixed_pass(model, new: list[SeqState], fed: list[list[int]], running: list[SeqState], clock: VirtualClock,
+               stats: Stats) -> None:
+    """One packed pass (`forward_packed`) for newcomers and running sequences together: each newcomer feeds its
+    tokens not cached yet (`fed`: its prompt, or what a shared prefix leaves), each running sequence its last
+    token, and every one gets its next token. Nothing is padded: the pass costs its real token count."""
+    tokens = fed + [[s.output[-1]] for s in running]
+    nexts = _pass(model, tokens, new + running, clock, sum(map(len, tokens)), packed=True)
+    stats.prefill_passes += not running  # a pass with running sequences counts as their decode step
+    stats.decode_steps += bool(running)
+    stats.prefill_slots += sum(map(len, fed))
+    stats.decode_slots += len(running)
+    for s, tok in zip(new + running, nexts):
+        _take(s, tok, clock)
 
 
 def prefill_pass(model, seqs: list[SeqState], fed: list[list[int]], clock: VirtualClock, stats: Stats) -> None:
@@ -177,11 +213,7 @@ def prefill_pass(model, seqs: list[SeqState], fed: list[list[int]], clock: Virtu
     stats.prefill_slots += len(seqs) * width
     stats.prefill_pad_slots += sum(width - len(f) for f in fed)
     for s, tok in zip(seqs, tokens):
-        s.output.append(tok)
-        if s.first_token_s is None:
-            s.first_token_s = clock.now
-        if s.done:
-            s.finished_s = clock.now
+        _take(s, tok, clock)
 
 
 def _decode(model, seqs: list[SeqState], clock: VirtualClock, stats: Stats, extra: dict[int, list[int]] | None = None) -> None:
@@ -206,19 +238,22 @@ def _decode(model, seqs: list[SeqState], clock: VirtualClock, stats: Stats, extr
 
 class ContinuousEngine:
     """Iteration-level batching: every `step` retires finished sequences, admits waiting ones into free
-    slots (in `queue_key` order), prefills the newcomers in one pass, then decodes all running ones.
+    slots (in `queue_key` order), prefills the newcomers in one pass, then decodes all running ones; with
+    `mixed=True` the newcomers' prompts and the running sequences' last tokens share one packed pass instead.
 
     With `preempt=True`, a waiting HIGH request that finds the batch full evicts the running LOW
     sequence that is last in queue order. The evicted sequence keeps its KV cache (nothing is
     recomputed; a GPU server would swap it to host memory) and resumes where it stopped when readmitted.
     """
 
-    def __init__(self, model, max_batch: int = 8, priority_delay_s: float = 0.0, preempt: bool = False) -> None:
+    def __init__(self, model, max_batch: int = 8, priority_delay_s: float = 0.0, preempt: bool = False,
+                 mixed: bool = False) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}.")
         if priority_delay_s < 0:
             raise ValueError(f"priority_delay_s must be >= 0, got {priority_delay_s}.")
         self.model, self.max_batch, self.delay, self.preempt = model, max_batch, priority_delay_s, preempt
+        self.mixed = mixed
         self.waiting: list[SeqState] = []
         self.running: list[SeqState] = []
         self.stats = Stats()
@@ -277,11 +312,15 @@ class ContinuousEngine:
     def step(self, clock: VirtualClock) -> list[SeqState]:
         """One iteration; returns the sequences that finished in it."""
         new = self._admit(clock)
-        if new:
-            _prefill(self.model, new, clock, self.stats)
         to_decode = [s for s in self.running if not s.done and s not in new]
-        if to_decode:
-            _decode(self.model, to_decode, clock, self.stats)
+        if self.mixed and new:
+            _new_caches(self.model, new)
+            mixed_pass(self.model, new, [list(s.request.prompt_ids) for s in new], to_decode, clock, self.stats)
+        else:
+            if new:
+                _prefill(self.model, new, clock, self.stats)
+            if to_decode:
+                _decode(self.model, to_decode, clock, self.stats)
         self.stats.record_memory(self.kv_reserved(), sum(cached_tokens(s) for s in self.running), len(self.running))
         finished = [s for s in self.running if s.done]
         self.running = [s for s in self.running if not s.done]
@@ -298,6 +337,8 @@ class Policy:
     kind: "static" (wait for `max_batch` requests, run the batch to completion), "dynamic" (launch
     when `max_batch` are waiting or the oldest has waited `window_s`, run to completion) or
     "continuous" (iteration-level). priority_delay_s: see `queue_key`. preempt: continuous only.
+    mixed: continuous only: newcomers' prompts share the running sequences' decode pass, packed without padding
+    (`mixed_pass`), instead of a left-padded prefill pass of their own before it.
     memory: a `cookbook.paged.KVMemory` (continuous only): admit requests by the KV memory they need, in a
     preallocated or a paged cache, instead of by batch slots alone.
     """
@@ -309,6 +350,7 @@ class Policy:
     preempt: bool = False
     name: str = ""
     memory: object | None = None
+    mixed: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("static", "dynamic", "continuous"):
@@ -317,8 +359,9 @@ class Policy:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}.")
         if self.window_s < 0 or self.priority_delay_s < 0:
             raise ValueError("window_s and priority_delay_s must be >= 0.")
-        if self.preempt and self.kind != "continuous":
-            raise ValueError("preempt=True needs kind='continuous': request-level batches run to completion.")
+        if (self.preempt or self.mixed) and self.kind != "continuous":
+            raise ValueError("preempt=True and mixed=True need kind='continuous': request-level batches prefill "
+                             "together, then run to completion.")
         if self.memory is not None and not callable(getattr(self.memory, "engine", None)):
             raise ValueError(f"memory must be a cookbook.paged.KVMemory, got {type(self.memory).__name__}.")
         if self.memory is not None and (self.kind != "continuous" or self.preempt):
@@ -405,7 +448,7 @@ def continuous_engine(model, policy: Policy) -> ContinuousEngine:
         raise ValueError(f"continuous_engine needs kind='continuous', got {policy.kind!r}.")
     if policy.memory is not None:
         return policy.memory.engine(model, policy)
-    return ContinuousEngine(model, policy.max_batch, policy.priority_delay_s, policy.preempt)
+    return ContinuousEngine(model, policy.max_batch, policy.priority_delay_s, policy.preempt, policy.mixed)
 
 
 def _simulate_continuous(model, pending: list[Request], policy: Policy, clock: VirtualClock):

@@ -72,6 +72,21 @@ def test_ragged_batch_matches_each_sequence_alone(family):
     torch.testing.assert_close(core.forward_tokens(model, nxt, caches), alone, atol=1e-5, rtol=1e-4)
 
 
+def test_packed_batch_matches_each_sequence_alone(family):
+    model = tiny(family)
+    prompts = [[5, 9, 2, 7, 1, 3, 8, 6, 6, 2, 9], [4, 4], [11, 12, 13, 14, 15]]
+    alone = torch.cat([core.forward(model, torch.tensor([p]))[:, -1] for p in prompts])  # (3, V)
+    caches = [KVCache.for_model(model, 2) for _ in prompts]  # too small on purpose: reserve grows them
+    torch.testing.assert_close(core.forward_packed(model, prompts, caches), alone, atol=1e-5, rtol=1e-4)
+    # a mixed pass: one-token decodes beside a 9-token prompt chunk, histories past the sliding window of 8
+    nxt = [[1], [2, 3, 6, 7, 8, 9, 1, 2, 3], [4]]
+    alone = torch.cat([core.forward(model, torch.tensor([p + n]))[:, -1] for p, n in zip(prompts, nxt)])
+    torch.testing.assert_close(core.forward_packed(model, nxt, caches), alone, atol=1e-5, rtol=1e-4)
+    assert [c.length for c in caches] == [12, 11, 6]
+    with pytest.raises(ValueError, match="at least one new token"):
+        core.forward_packed(model, [[1], []], caches[:2])
+
+
 @pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                                   {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])

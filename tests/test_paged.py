@@ -41,8 +41,9 @@ def reference(model, workload):
     return sv.reference_outputs(model, workload)
 
 
-def run(model, requests, memory: pg.KVMemory, max_batch: int = 8) -> sv.RunResult:
-    return sv.simulate(model, requests, sv.Policy("continuous", max_batch, memory=memory), sv.VirtualClock(cost))
+def run(model, requests, memory: pg.KVMemory, max_batch: int = 8, mixed: bool = False) -> sv.RunResult:
+    policy = sv.Policy("continuous", max_batch, memory=memory, mixed=mixed)
+    return sv.simulate(model, requests, policy, sv.VirtualClock(cost))
 
 
 # ---------------------------------------------------------------- the cache itself
@@ -104,12 +105,13 @@ MEMORIES = {
 }
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["apart", "mixed"])
 @pytest.mark.parametrize("name", MEMORIES)
-def test_memory_bound_runs_are_exact_and_replayable(model, workload, reference, name):
-    res = run(model, workload, MEMORIES[name])
+def test_memory_bound_runs_are_exact_and_replayable(model, workload, reference, name, mixed):
+    res = run(model, workload, MEMORIES[name], mixed=mixed)
     assert sv.check_outputs(res, reference) == []
     assert res.stats.peak_kv_reserved <= MEMORIES[name].budget_tokens
-    replayed = run(sv.Replay(res.outputs), workload, MEMORIES[name])
+    replayed = run(sv.Replay(res.outputs), workload, MEMORIES[name], mixed=mixed)
     assert replayed.stats == res.stats
     assert [s.finished_s for s in replayed.seqs] == [s.finished_s for s in res.seqs]
 

@@ -110,10 +110,16 @@ POLICIES = [
     sv.Policy("continuous", 4),
     sv.Policy("continuous", 3, priority_delay_s=0.1, preempt=True),
     sv.Policy("continuous", 2, priority_delay_s=math.inf),
+    sv.Policy("continuous", 4, mixed=True),
+    sv.Policy("continuous", 3, priority_delay_s=0.1, preempt=True, mixed=True),
 ]
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.kind}-{p.max_batch}-{p.preempt}")
+def policy_id(p: sv.Policy) -> str:
+    return f"{p.kind}-{p.max_batch}-{p.preempt}" + ("-mixed" if p.mixed else "")
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=policy_id)
 def test_every_request_completes_with_its_solo_output(model, workload, reference, policy):
     res = sv.simulate(model, workload, policy, sv.VirtualClock(cost))
     assert sorted(res.outputs) == [r.rid for r in workload]  # none lost, none duplicated
@@ -122,7 +128,7 @@ def test_every_request_completes_with_its_solo_output(model, workload, reference
         assert s.request.arrival_s <= s.admitted_s <= s.first_token_s <= s.finished_s
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.kind}-{p.max_batch}-{p.preempt}")
+@pytest.mark.parametrize("policy", POLICIES, ids=policy_id)
 def test_a_replayed_run_schedules_and_times_exactly_like_the_real_one(model, workload, reference, policy):
     real = sv.simulate(model, workload, policy, sv.VirtualClock(cost))
     replayed = sv.simulate(sv.Replay(reference), workload, policy, sv.VirtualClock(cost))
@@ -147,6 +153,18 @@ def test_continuous_wastes_less_than_static(model, workload):
     cont = sv.simulate(model, workload, sv.Policy("continuous", 4), sv.VirtualClock(cost))
     assert cont.stats.decode_idle_slots == 0 < static.stats.decode_idle_slots
     assert cont.stats.padding_waste < static.stats.padding_waste
+
+
+def test_mixed_passes_pay_for_tokens_not_padding(model, workload):
+    """A mixed pass carries the newcomers' prompts in the decode pass, unpadded: fewer passes, no padded slots, and
+    on a clock that charges a fixed cost per pass, more throughput."""
+    apart = sv.simulate(model, workload, sv.Policy("continuous", 4), sv.VirtualClock(cost))
+    mixed = sv.simulate(model, workload, sv.Policy("continuous", 4, mixed=True), sv.VirtualClock(cost))
+    assert mixed.stats.padding_waste == 0 < apart.stats.padding_waste
+    passes = [r.stats.prefill_passes + r.stats.decode_steps for r in (mixed, apart)]
+    assert passes[0] < passes[1] and mixed.throughput > apart.throughput
+    with pytest.raises(ValueError, match="kind='continuous'"):
+        sv.Policy("static", 4, mixed=True)
 
 
 def test_static_batches_never_exceed_max_batch_and_run_to_completion(model, workload):

@@ -4,14 +4,14 @@
   layer types and windows, layer subsets;
 - `ops`: rotary positions, attention masks, attention, soft-capping;
 - `cache`: the KV cache (float and int8) and its sizes;
-- `forward`: the decoder forward pass, for uniform and for ragged batches;
+- `forward`: the decoder forward pass, for uniform, ragged (padded) and packed batches;
 - `capture`: the inputs each decoder layer receives, for calibration and layer-by-layer work.
 """
 
 from .cache import Int8KVCache, KVCache, dynamic_cache_bytes, kv_cache_bytes_per_token
 from .capture import LayerInputs, capture_layer_inputs, run_layer
-from .forward import (StepContext, decoder_layer, final_logits, forward, forward_tokens, run_layers, softcap_logits,
-                      step_context)
+from .forward import (StepContext, decoder_layer, final_logits, forward, forward_packed, forward_tokens,
+                      run_layers, softcap_logits, step_context)
 from .layout import (LINEAR_NAMES, SUPPORTED, Layout, LayoutError, check_model, decoder, decoder_layers,
                      decoder_linears, layer_types, layer_window, layer_windows, linear_key,
                      split_linear_key)
@@ -20,8 +20,8 @@ from .ops import apply_rope, attention, attention_mask, rope_cos_sin, softcap
 __all__ = [
     "Int8KVCache", "KVCache", "dynamic_cache_bytes", "kv_cache_bytes_per_token",
     "LayerInputs", "capture_layer_inputs", "run_layer",
-    "StepContext", "decoder_layer", "final_logits", "forward", "forward_tokens", "run_layers", "softcap_logits",
-    "step_context",
+    "StepContext", "decoder_layer", "final_logits", "forward", "forward_packed", "forward_tokens", "run_layers",
+    "softcap_logits", "step_context",
     "LINEAR_NAMES", "SUPPORTED", "Layout", "LayoutError", "check_model", "decoder", "decoder_layers",
     "decoder_linears", "layer_types", "layer_window", "layer_windows", "linear_key", "split_linear_key",
     "apply_rope", "attention", "attention_mask", "rope_cos_sin", "softcap",

@@ -7,7 +7,9 @@ and its reads. Two entry points share the layer functions:
 - `forward(model, ids, cache)`: a (b, t) batch whose rows all sit at the same positions (decoding loops,
   speculative decoding, early exit, compiled decoding);
 - `forward_tokens(model, tokens, caches)`: a ragged batch, each sequence with its own history and number of new
-  tokens, left-padded and masked (serving).
+  tokens, left-padded and masked (serving);
+- `forward_packed(model, tokens, caches)`: the same ragged batch without padding: every sequence's new tokens side
+  by side in one row, each attending only to its own history (serving's mixed prefill + decode passes).
 
 Shapes: b batch, t new tokens, s cached + new tokens, h query heads, g KV heads, d head_dim, D hidden size,
 V vocabulary.
@@ -15,6 +17,7 @@ V vocabulary.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -187,6 +190,49 @@ class RaggedBatch:
             cache.length += n
 
 
+class PackedBatch(RaggedBatch):
+    """The cache of a packed batch: sequence i's new tokens are columns starts[i]:starts[i + 1] of one row, and
+    the layers see every sequence's history side by side, (1, g, S, d) with S = sum of history lengths."""
+
+    def __init__(self, caches: Sequence, past: list[int], n_new: list[int]) -> None:
+        super().__init__(caches, past, n_new, sum(p + n for p, n in zip(past, n_new)))
+        self.starts = [0, *itertools.accumulate(n_new)]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store each sequence's columns of k, v (1, g, T, d); return all histories back to back (1, g, S, d)."""
+        keys, values = [], []
+        for i, cache in enumerate(self.caches):
+            a, b = self.starts[i], self.starts[i + 1]
+            cache.write(layer, self.past[i], k[0, :, a:b], v[0, :, a:b])
+            key, value = cache.read(layer, self.past[i] + self.n_new[i])  # (g, s_i, d) each
+            keys.append(key)
+            values.append(value)
+        return torch.cat(keys, 1)[None], torch.cat(values, 1)[None]  # (1, g, S, d)
+
+
+def packed_context(config, past: list[int], n_new: list[int], dtype: torch.dtype,
+                   device: torch.device) -> StepContext:
+    """Rotary rows (T, d) and bool masks (T, S) for a packed batch: a token sees its own sequence's keys only."""
+    seq = torch.arange(len(n_new))
+    q_pos = torch.cat([torch.arange(p, p + n) for p, n in zip(past, n_new)])  # (T,)
+    k_pos = torch.cat([torch.arange(p + n) for p, n in zip(past, n_new)])  # (S,)
+    same = (seq.repeat_interleave(torch.tensor(n_new))[:, None]
+            == seq.repeat_interleave(torch.tensor(past) + torch.tensor(n_new))[None])  # (T, S)
+    rope, masks = {}, {}
+    for layer_type in set(layer_types(config)):
+        rope[layer_type] = rope_cos_sin(config, layer_type, q_pos.to(device), dtype)  # (T, d) each
+        masks[layer_type] = (attention_mask(q_pos, k_pos, layer_window(config, layer_type)) & same).to(device)
+    return StepContext(q_pos, rope, masks)
+
+
+def _check_batch(tokens: Sequence[Sequence[int]], caches: Sequence) -> None:
+    if len(tokens) != len(caches) or not tokens:
+        raise ValueError(f"forward_tokens needs one cache per sequence and at least one sequence, "
+                         f"got {len(tokens)} token lists and {len(caches)} caches.")
+    if any(len(t) == 0 for t in tokens):
+        raise ValueError("Every sequence in the batch needs at least one new token.")
+
+
 @torch.no_grad()
 def forward_tokens(model: nn.Module, tokens: Sequence[Sequence[int]], caches: Sequence,
                    fused: bool = True) -> torch.Tensor:
@@ -196,11 +242,7 @@ def forward_tokens(model: nn.Module, tokens: Sequence[Sequence[int]], caches: Se
     Sequences may bring different numbers of new tokens (a prompt, or one decode token) and have different
     history lengths: both are left-padded and masked. The caches are extended in place.
     """
-    if len(tokens) != len(caches) or not tokens:
-        raise ValueError(f"forward_tokens needs one cache per sequence and at least one sequence, "
-                         f"got {len(tokens)} token lists and {len(caches)} caches.")
-    if any(len(t) == 0 for t in tokens):
-        raise ValueError("Every sequence in the batch needs at least one new token.")
+    _check_batch(tokens, caches)
     cached_layout(model)
     n_new, past = [len(t) for t in tokens], [c.length for c in caches]
     width, total_width = max(n_new), max(p + n for p, n in zip(past, n_new))
@@ -215,3 +257,25 @@ def forward_tokens(model: nn.Module, tokens: Sequence[Sequence[int]], caches: Se
     x = run_layers(model, x, ragged_context(model.config, q_pos, k_pos, x.dtype, x.device), batch, fused)
     batch.advance()
     return final_logits(model, decoder(model).norm(x[:, -1]))  # (b, V): the last column is every sequence's last
+
+
+@torch.no_grad()
+def forward_packed(model: nn.Module, tokens: Sequence[Sequence[int]], caches: Sequence,
+                   fused: bool = True) -> torch.Tensor:
+    """What `forward_tokens` computes, without its padding: the new tokens of every sequence side by side in one
+    row of T = sum of their counts (vLLM's flattened batch), so a prompt and one-token decodes share a pass and
+    the linears run on T tokens, not b x the longest. Attention reads each sequence's own cache, through a
+    block-diagonal causal mask. Returns next-token logits (b, V); the caches are extended in place.
+    """
+    _check_batch(tokens, caches)
+    cached_layout(model)
+    n_new, past = [len(t) for t in tokens], [c.length for c in caches]
+    for c, p, n in zip(caches, past, n_new):
+        c.reserve(p + n)
+    ids = torch.tensor([[int(t) for seq in tokens for t in seq]], device=model.device)  # (1, T)
+    x = decoder(model).embed_tokens(ids)  # (1, T, D)
+    batch = PackedBatch(caches, past, n_new)
+    x = run_layers(model, x, packed_context(model.config, past, n_new, x.dtype, x.device), batch, fused)
+    batch.advance()
+    last = torch.tensor(batch.starts[1:], device=x.device) - 1  # (b,): each sequence's newest token
+    return final_logits(model, decoder(model).norm(x[0, last]))  # (b, V)
