@@ -17,7 +17,7 @@ from cookbook.models import ByteTokenizer, tiny_model
 
 TINY = dict(protocol=PerplexityProtocol(seq_len=32, stride=32, max_tokens=64), prompt_tokens=8, new_tokens=6,
             loop_new_tokens=4, warmup=0, repeats=1, calib_samples=2, calib_seq_len=32, group_size=32,
-            serving_requests=4, max_batch=2, attention_window=4)
+            serving_requests=4, saturation_requests=6, max_batch=2, attention_window=4)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,13 @@ def rows(tiny):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the bench must leave the model unchanged"
     return out
+
+
+def test_batching_rows_compare_three_policies_on_the_same_tokens(rows):
+    batching = {r["variant"]: r for r in rows if r["technique"] == "serving" and " batching, batch" in r["variant"]}
+    assert list(batching) == [f"{name}, batch 2" for name in bench.serving.BATCHING]
+    assert all("6 requests all waiting" in r["notes"] and r["notes"].endswith("same tokens in every policy: True")
+               for r in batching.values())
 
 
 def test_every_technique_gives_a_full_row(rows):
@@ -263,7 +270,7 @@ def test_speed_vs_baseline_and_recipe_rows(rows):
     assert rel[0]["decode x baseline"] == pytest.approx(1.0)
     recipe = [r for r in rel if r["technique"] == "recipe"]
     assert [r["variant"].split(":")[0] for r in recipe] == ["recipe 1", "recipe 2", "recipe 3", "recipe 4",
-                                                            "recipe 5", "recipe 5"]
+                                                            "recipe 5", "recipe 5", "recipe 5"]
     assert recipe[0]["bytes held"] == recipe[1]["bytes held"] and recipe[2]["bytes held"] < recipe[1]["bytes held"]
     # recipe 4 records whether our KV-cache loop decoded the no-cache loop's tokens (notebook 14 asserts it on the
     # real model, tests/test_recipe.py on a packed tiny model). Not pinned here: the two loops reach the packed

@@ -56,7 +56,7 @@ def recipe_kv_cache_row(model, tokenizer, device, settings: BenchSettings, fmt: 
 def bench_recipe(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
     """The combined recipe (`cookbook.recipe`, notebook 14): MLP pruning, distillation recovery, GPTQ int4 +
     int8 embedding, one row after each stage; then the result decoded with our KV cache and served with
-    static vs continuous batching."""
+    static vs continuous batching at saturation."""
     recipe, rows = recipe_for(settings), []
     final = R.apply_recipe(model, tokenizer, recipe, after_stage=lambda stage, work, result: rows.append(
         recipe_stage_row(stage, work, tokenizer, settings, recipe, result)))
@@ -67,6 +67,7 @@ def bench_recipe(model, tokenizer, device, settings: BenchSettings) -> list[dict
 
 
 def recipe_serving_rows(model, tokenizer, device, settings: BenchSettings, fmt: str) -> list[dict]:
-    """`batching_rows` (static vs continuous batching) on the recipe's model, labelled as its last stage."""
+    """`batching_rows` (static, continuous and mixed continuous batching) on the recipe's model, labelled as its
+    last stage."""
     return [r | {"technique": "recipe", "variant": f"recipe 5: {r['variant']}", "format": fmt}
             for r in batching_rows(model, tokenizer, settings)]

@@ -1,4 +1,4 @@
-"""Rows for serving: batching policies on one fitted pass cost, KV memory under a budget, the HTTP load test."""
+"""Rows for serving: batching policies at saturation, KV memory under a budget, the HTTP load test."""
 
 from __future__ import annotations
 
@@ -16,37 +16,59 @@ from .settings import BenchSettings
 
 
 def bench_serving(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
-    """Static vs continuous batching (`batching_rows`), then continuous batching limited by KV memory
-    (`kv_memory_rows`), on one synthetic workload under overload (notebook 11)."""
-    return batching_rows(model, tokenizer, settings, with_memory=True)
+    """Static vs continuous batching at saturation (`batching_rows`), then continuous batching limited by KV memory
+    (`kv_memory_rows`) on the serving workload all waiting at once (notebook 11)."""
+    _, requests = serving_workload(tokenizer, settings)
+    cost = pass_cost(model, requests, settings)
+    overload = sv.with_rate(requests, 1000.0, 1.0)  # every request waiting at t ~ 0
+    return batching_rows(model, tokenizer, settings, cost) + kv_memory_rows(model, overload, cost, settings,
+                                                                             dtype_name(model))
 
 
-def serving_workload(tokenizer, settings: BenchSettings) -> tuple[torch.Tensor, list[sv.Request]]:
-    """The token pool (4,000 Shakespeare tokens) and the serving rows' synthetic workload, drawn at 1 request/s."""
+def serving_workload(tokenizer, settings: BenchSettings, n_requests: int | None = None):
+    """The token pool (4,000 Shakespeare tokens) and the serving rows' synthetic workload, drawn at 1 request/s
+    (`settings.serving_requests` of them unless `n_requests` is given)."""
     pool = encode(tokenizer, load_text("shakespeare_train"), 4000)
-    return pool, sv.synthetic_workload(pool, n_requests=settings.serving_requests, rate_per_s=1.0, seed=0,
-                                       prompt_range=(8, 64), output_range=settings.serving_output_range,
+    return pool, sv.synthetic_workload(pool, n_requests=n_requests or settings.serving_requests, rate_per_s=1.0,
+                                       seed=0, prompt_range=(8, 64), output_range=settings.serving_output_range,
                                        bos_id=tokenizer.bos_token_id)
 
 
-def batching_rows(model, tokenizer, settings: BenchSettings, with_memory: bool = False) -> list[dict]:
-    """Static vs continuous batching of one synthetic workload under overload.
+def pass_cost(model, requests: list[sv.Request], settings: BenchSettings) -> sv.PassCost:
+    """The fitted pass cost every virtual-clock row is charged (`clocks.fit_pass_cost`)."""
+    return sv.fit_pass_cost(model, requests[0].prompt_ids[:32], sorted({1, 2, settings.max_batch}))
 
-    Both policies are charged the same pass costs, fitted once from measured forward passes, so the
-    throughput is aggregate generated tokens per second over all requests, not one stream's speed.
-    """
-    _, requests = serving_workload(tokenizer, settings)
-    cost = sv.fit_pass_cost(model, requests[0].prompt_ids[:32], sorted({1, 2, settings.max_batch}))
-    overload = sv.with_rate(requests, 1000.0, 1.0)  # every request waiting at t ~ 0: the throughput limit
-    fmt = dtype_name(model)
+
+BATCHING = {"static batching": {"kind": "static"}, "continuous batching": {"kind": "continuous"},
+            "mixed continuous batching": {"kind": "continuous", "mixed": True}}
+
+
+def batching_rows(model, tokenizer, settings: BenchSettings, cost: sv.PassCost | None = None) -> list[dict]:
+    """Static, continuous and mixed continuous batching (prompts packed into the decode pass) at saturation:
+    `settings.saturation_requests` requests all waiting at t ~ 0, each policy run once on the real model.
+
+    Throughput is aggregate generated tokens per second, on the wall clock (the passes' measured time: at
+    saturation nothing idles) and on the fitted pass cost (the same run replayed on one cost model, so that what
+    else the machine does cannot favour a policy)."""
+    _, requests = serving_workload(tokenizer, settings, settings.saturation_requests)
+    cost = cost or pass_cost(model, requests, settings)
+    saturated = sv.with_rate(requests, 1000.0, 1.0)
+    runs = {name: sv.simulate(model, saturated, sv.Policy(max_batch=settings.max_batch, **kw), sv.VirtualClock())
+            for name, kw in BATCHING.items()}
+    fitted = {name: sv.simulate(sv.Replay(r.outputs), saturated, r.policy, sv.VirtualClock(cost))
+              for name, r in runs.items()}
+    same = all(r.outputs == runs["static batching"].outputs for r in runs.values())
+    wall0, fit0 = runs["static batching"].throughput, fitted["static batching"].throughput
     rows = []
-    for kind in ("static", "continuous"):
-        res = sv.simulate(model, overload, sv.Policy(kind, settings.max_batch), sv.VirtualClock(cost))
+    for name, r in runs.items():
+        passes, f = r.stats.prefill_passes + r.stats.decode_steps, fitted[name].throughput
         rows.append(result_row(
-            "serving", f"{kind} batching, batch {settings.max_batch}", fmt, model, None, res.throughput,
-            notes=(f"aggregate tokens/s of {len(requests)} requests arriving at once (fitted pass cost); "
-                   f"padding waste {res.stats.padding_waste:.0%}"), aggregate=True))
-    return rows + (kv_memory_rows(model, overload, cost, settings, fmt) if with_memory else [])
+            "serving", f"{name}, batch {settings.max_batch}", dtype_name(model), model, None, r.throughput,
+            notes=(f"aggregate tokens/s of {len(requests)} requests all waiting (saturation), wall clock: "
+                   f"x{r.throughput / wall0:.2f} static; on the fitted pass cost {f:.2f} tok/s (x{f / fit0:.2f}); "
+                   f"{passes} passes, padding waste {r.stats.padding_waste:.0%}; same tokens in every policy: {same}"),
+            aggregate=True, fitted_tok_s=f))
+    return rows
 
 
 def bench_load_test(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
@@ -56,7 +78,7 @@ def bench_load_test(model, tokenizer, device, settings: BenchSettings) -> list[d
     pool, requests = serving_workload(tokenizer, settings)
     requests = pg.with_shared_prefix(requests, pool[2000:2047].tolist(), tokenizer.bos_token_id)
     reference = sv.reference_outputs(model, requests)
-    cost = sv.fit_pass_cost(model, requests[0].prompt_ids[:32], sorted({1, 2, settings.max_batch}))
+    cost = pass_cost(model, requests, settings)
     step_s = cost(settings.max_batch, settings.max_batch)  # one decode step of a full batch
     capacity = settings.max_batch / step_s / np.mean([r.max_new_tokens for r in requests])  # requests/s
     budget = 16 * (math.ceil(max(len(r.prompt_ids) + r.max_new_tokens for r in requests) / 16) + 1) * settings.max_batch

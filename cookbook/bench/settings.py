@@ -23,7 +23,9 @@ class BenchSettings:
     (BOS + the first tokens of the eval text) and the greedy tokens generated from it for decode
     speed, timed `repeats` times after `warmup` runs (best of the repeats, see `measure_model`). calib_*: calibration windows of the
     training text for GPTQ, AWQ, Wanda and structured pruning. recipe_*: AdamW steps and window length
-    of the combined recipe's distillation recovery (`cookbook.recipe`). attention_window: the sliding window the
+    of the combined recipe's distillation recovery (`cookbook.recipe`). serving_requests / serving_output_range: the
+    serving workload (KV memory rows, HTTP load test); saturation_requests: how many requests wait at once in the
+    batching rows (enough that the queue outlasts the batch's first refills). attention_window: the sliding window the
     attention row puts on the model's global layers. watts, usd_per_hour: the ASSUMED
     power draw and price behind tokens/J and $/M tokens (see `default_power_and_price`). compile: also measure
     the `torch.compile` rows (each compile costs tens of seconds and needs a C++ compiler on CPU).
@@ -39,6 +41,7 @@ class BenchSettings:
     calib_seq_len: int = 256
     group_size: int = 128
     serving_requests: int = 16
+    saturation_requests: int = 64
     serving_output_range: tuple[int, int] = (4, 32)
     max_batch: int = 8
     recipe_steps: int = 16
@@ -65,7 +68,8 @@ class BenchSettings:
 
 
 QUICK = dict(protocol=PerplexityProtocol(seq_len=256, stride=256, max_tokens=512), new_tokens=8, loop_new_tokens=8,
-             warmup=1, repeats=2, calib_samples=2, calib_seq_len=128, serving_requests=8, max_batch=4, recipe_steps=8)
+             warmup=1, repeats=2, calib_samples=2, calib_seq_len=128, serving_requests=8, saturation_requests=8,
+             max_batch=4, recipe_steps=8)
 
 # Board power from the vendors' spec sheets (maximum TDP): an UPPER BOUND on what a decode loop draws.
 GPU_TDP_W = {"h200": 700.0, "h100 sxm": 700.0, "h100 80gb hbm3": 700.0, "h100 pcie": 350.0, "h100": 700.0,
