@@ -85,6 +85,8 @@ def test_packed_batch_matches_each_sequence_alone(family):
     assert [c.length for c in caches] == [12, 11, 6]
     with pytest.raises(ValueError, match="at least one new token"):
         core.forward_packed(model, [[1], []], caches[:2])
+    with pytest.raises(ValueError, match="forward_packed needs one cache per sequence"):
+        core.forward_packed(model, [[1]], [])
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},

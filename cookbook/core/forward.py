@@ -2,7 +2,7 @@
 
 It reuses the weights of a Hugging Face decoder (embedding, norms, projections, MLP, tied head) and owns what
 the cookbook is about: rotary positions, the attention masks (causal, sliding window, padding), the KV cache
-and its reads. Two entry points share the layer functions:
+and its reads. Three entry points share the layer functions:
 
 - `forward(model, ids, cache)`: a (b, t) batch whose rows all sit at the same positions (decoding loops,
   speculative decoding, early exit, compiled decoding);
@@ -225,9 +225,9 @@ def packed_context(config, past: list[int], n_new: list[int], dtype: torch.dtype
     return StepContext(q_pos, rope, masks)
 
 
-def _check_batch(tokens: Sequence[Sequence[int]], caches: Sequence) -> None:
+def _check_batch(tokens: Sequence[Sequence[int]], caches: Sequence, name: str) -> None:
     if len(tokens) != len(caches) or not tokens:
-        raise ValueError(f"forward_tokens needs one cache per sequence and at least one sequence, "
+        raise ValueError(f"{name} needs one cache per sequence and at least one sequence, "
                          f"got {len(tokens)} token lists and {len(caches)} caches.")
     if any(len(t) == 0 for t in tokens):
         raise ValueError("Every sequence in the batch needs at least one new token.")
@@ -242,7 +242,7 @@ def forward_tokens(model: nn.Module, tokens: Sequence[Sequence[int]], caches: Se
     Sequences may bring different numbers of new tokens (a prompt, or one decode token) and have different
     history lengths: both are left-padded and masked. The caches are extended in place.
     """
-    _check_batch(tokens, caches)
+    _check_batch(tokens, caches, "forward_tokens")
     cached_layout(model)
     n_new, past = [len(t) for t in tokens], [c.length for c in caches]
     width, total_width = max(n_new), max(p + n for p, n in zip(past, n_new))
@@ -267,7 +267,7 @@ def forward_packed(model: nn.Module, tokens: Sequence[Sequence[int]], caches: Se
     the linears run on T tokens, not b x the longest. Attention reads each sequence's own cache, through a
     block-diagonal causal mask. Returns next-token logits (b, V); the caches are extended in place.
     """
-    _check_batch(tokens, caches)
+    _check_batch(tokens, caches, "forward_packed")
     cached_layout(model)
     n_new, past = [len(t) for t in tokens], [c.length for c in caches]
     for c, p, n in zip(caches, past, n_new):
