@@ -25,7 +25,8 @@ def bench_serving(model, tokenizer, device, settings: BenchSettings) -> list[dic
                                                                              dtype_name(model))
 
 
-def serving_workload(tokenizer, settings: BenchSettings, n_requests: int | None = None):
+def serving_workload(tokenizer, settings: BenchSettings,
+                     n_requests: int | None = None) -> tuple[torch.Tensor, list[sv.Request]]:
     """The token pool (4,000 Shakespeare tokens) and the serving rows' synthetic workload, drawn at 1 request/s
     (`settings.serving_requests` of them unless `n_requests` is given)."""
     pool = encode(tokenizer, load_text("shakespeare_train"), 4000)
