@@ -38,7 +38,10 @@ def reference(model, workload):
 
 LIVE_POLICIES = [sv.Policy("dynamic", 4, window_s=0.05, name="dynamic"),
                  sv.Policy("continuous", 4, name="continuous"),
-                 sv.Policy("continuous", 4, memory=pg.KVMemory(128, block_size=4, prefix_cache=True), name="paged")]
+                 sv.Policy("continuous", 4, mixed=True, name="mixed continuous"),
+                 sv.Policy("continuous", 4, memory=pg.KVMemory(128, block_size=4, prefix_cache=True), name="paged"),
+                 sv.Policy("continuous", 4, memory=pg.KVMemory(128, block_size=4, prefix_cache=True), mixed=True,
+                           name="mixed, paged")]
 
 
 @pytest.mark.parametrize("policy", LIVE_POLICIES, ids=lambda p: p.label)

@@ -74,8 +74,9 @@ def batching_rows(model, tokenizer, settings: BenchSettings, cost: sv.PassCost |
 
 def bench_load_test(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
     """The HTTP server under a wall-clock load test (`cookbook.loadtest`): open-loop arrivals from a client process
-    at 1x and 3x the capacity the fitted pass cost implies, for dynamic, continuous and continuous + paged + prefix
-    cache batching. The requests share a 47-token system prompt (three blocks of 16 with BOS)."""
+    at 1x and 3x the capacity the fitted pass cost implies, for dynamic, continuous, mixed continuous (prompts
+    packed into the decode pass) and continuous + paged + prefix cache batching. The requests share a 47-token
+    system prompt (three blocks of 16 with BOS)."""
     pool, requests = serving_workload(tokenizer, settings)
     requests = pg.with_shared_prefix(requests, pool[2000:2047].tolist(), tokenizer.bos_token_id)
     reference = sv.reference_outputs(model, requests)
@@ -85,6 +86,7 @@ def bench_load_test(model, tokenizer, device, settings: BenchSettings) -> list[d
     budget = 16 * (math.ceil(max(len(r.prompt_ids) + r.max_new_tokens for r in requests) / 16) + 1) * settings.max_batch
     policies = [sv.Policy("dynamic", settings.max_batch, window_s=8 * step_s, name="dynamic"),
                 sv.Policy("continuous", settings.max_batch, name="continuous"),
+                sv.Policy("continuous", settings.max_batch, mixed=True, name="mixed continuous"),
                 sv.Policy("continuous", settings.max_batch, memory=pg.KVMemory(budget, prefix_cache=True),
                           name="continuous + paged + prefix cache")]
     fmt, rows = dtype_name(model), []
