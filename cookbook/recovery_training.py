@@ -77,7 +77,7 @@ def parse_pattern(pattern: str) -> tuple[float | None, tuple[int, int] | None]:
         P.check_nm(n, m_)
         return None, (n, m_)
     raise ValueError(f"Pruning pattern {pattern!r} not understood: give a sparsity such as '50%' (unstructured) "
-                     "or N:M such as '2:4' (N zeros in every M weights).")
+                     "or N:M such as '2:4' (N weights kept in every M).")
 
 
 def wanda_pruned_copy(teacher: nn.Module, tokenizer, settings: RecoverySettings) -> nn.Module:
