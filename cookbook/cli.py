@@ -251,8 +251,8 @@ def recovery(args: argparse.Namespace) -> None:
     settings = RecoverySettings(pattern=args.pattern, train=replace(recovery_train_settings(), **train_changes(args)))
     if args.quick:
         short = PerplexityProtocol(seq_len=256, stride=256, max_tokens=512)
-        settings = replace(settings, calib_samples=4, protocol=short, second_protocol=replace(
-            settings.second_protocol, seq_len=256, stride=256, max_tokens=512))
+        settings = replace(settings, calib_samples=4, protocol=short,
+                           second_protocol=replace(short, text=settings.second_protocol.text))
     teacher, tok = load_model(args.model, device="cpu")
     default = REPO_ROOT / ("build" if args.quick else "reports") / f"recovery-{pattern_slug(args.pattern)}-cpu.json"
     out = Path(args.out) if args.out else default

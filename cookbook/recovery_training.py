@@ -61,11 +61,6 @@ class RecoverySettings:
             raise ValueError(f"Need calib_samples >= 1 and calib_seq_len >= 2; got {self.calib_samples}, "
                              f"{self.calib_seq_len}.")
 
-    def to_dict(self) -> dict:
-        return {"pattern": self.pattern, "calib_samples": self.calib_samples, "calib_seq_len": self.calib_seq_len,
-                "train": asdict(self.train), "protocol": asdict(self.protocol),
-                "second_protocol": asdict(self.second_protocol)}
-
 
 def parse_pattern(pattern: str) -> tuple[float | None, tuple[int, int] | None]:
     """"50%" -> (0.5, None); "2:4" -> (None, (2, 4)). Anything else is an error that shows both forms."""
@@ -181,7 +176,7 @@ def recovery_command(teacher: nn.Module, tokenizer, model_name: str, settings: R
     main = settings.protocol.text
     report = {
         "kind": REPORT_KIND, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": model_name,
-        "machine": machine_info(torch.device("cpu")), "settings": settings.to_dict(),
+        "machine": machine_info(torch.device("cpu")), "settings": asdict(settings),
         "loss": "hidden-state distillation from the dense model: MSE to its final normed hidden state / its "
                 "mean square",
         "sparsity": sparsity, "zeros unchanged by training": True,
