@@ -34,6 +34,11 @@ class EarlyExitResult:
     times_s: list[float]
     head_reads: list[int]
 
+    @property
+    def tokens_per_s(self) -> float:
+        """Scored tokens per second of this run (the context's prefill excluded)."""
+        return len(self.times_s) / self.times_s[-1]
+
 
 def _check_exit_layers(exit_layers: list[int], num_layers: int, threshold: float) -> None:
     if any(not 1 <= e < num_layers for e in exit_layers):

@@ -101,7 +101,7 @@ def bench_early_exit(model, tokenizer, device, settings: BenchSettings) -> list[
     shortlist = EE.ShortlistTest(model, EE.frequent_tokens(encode(tokenizer, load_text(TRAIN_TEXT)), SHORTLIST_SIZE))
     run = lambda layers, bound=None: EE.early_exit_teacher_forced(model, ids, layers, 0.9, settings.prompt_tokens,
                                                                   bound)
-    tps = lambda r: len(r.times_s) / r.times_s[-1]
+    tps = lambda r: r.tokens_per_s
     plain, plain_tps = best_of(lambda: run([]), tps, settings)
     rows = []
     for name, bound in (("confidence test", None), (f"shortlist bound ({SHORTLIST_SIZE} tokens)", shortlist)):
