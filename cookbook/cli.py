@@ -216,17 +216,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     def run() -> None:
         changes = train_changes(args)
         keep = 12 if args.keep is None else args.keep  # the default student: 12 of 18 layers
-        settings = StudentSettings(n_keep=keep, train=replace(TrainSettings(), **changes))
+        settings = StudentSettings(n_keep=keep, train=replace(TrainSettings(), **changes), share=args.share)
         if args.quick:
             settings = replace(settings, protocol=PerplexityProtocol(seq_len=256, stride=256, max_tokens=512))
+        if args.stop_at is not None and not 1 <= args.stop_at <= settings.train.steps:
+            raise ValueError(f"--stop-at must be in [1, {settings.train.steps}] (the schedule's --steps), "
+                             f"got {args.stop_at}.")
         teacher, tok = load_model(args.model, device="cpu")
         if not 1 <= keep < teacher.config.num_hidden_layers:
             raise ValueError(f"--keep must be in [1, {teacher.config.num_hidden_layers - 1}], got {keep}.")
-        default = REPO_ROOT / ("build" if args.quick else "reports") / f"train-student-{keep}-cpu.json"
+        shared = f"-shared-{args.share}" if args.share > 1 else ""
+        default = REPO_ROOT / ("build" if args.quick else "reports") / f"train-student-{keep}{shared}-cpu.json"
         out = Path(args.out) if args.out else default
         report = student_command(teacher, tok, model_name(args.model), settings, out, args.fresh,
-                                 tag="-quick" if args.quick else "")
-        print(f"student of layers {report['keep']}: perplexity {report['student perplexity']:.2f} against the "
+                                 tag="-quick" if args.quick else "", stop_at=args.stop_at)
+        print(f"student of layers {report['keep']} (step {report['steps run']}): perplexity "
+              f"{report['student perplexity']:.2f} against the "
               f"teacher's {report['teacher perplexity']:.2f} ({report['ratio to teacher']:.2f}x), decode "
               f"{report['decode speedup']:.2f}x the teacher's speed; report: {out}")
 
@@ -289,6 +294,10 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                     help="recovery: what Wanda prunes, a sparsity ('50%%') or N:M ('2:4')")
     tr.add_argument("--keep", type=int, help="decoder layers the student keeps (default: 12 of 18 for 'student', "
                                              "6 for 'kd-vs-ce')")
+    tr.add_argument("--share", type=int, default=1,
+                    help="student: consecutive kept layers that run on one set of weights (default 1: none; 2: pairs)")
+    tr.add_argument("--stop-at", type=int, help="student: stop after this many steps of the schedule (resumable "
+                                                "later, as if never stopped); the report holds the curve so far")
     tr.add_argument("--seeds", type=int, help="kd-vs-ce: samples of training windows, seeds 1..N (default 5)")
     tr.add_argument("--steps", type=int,
                     help="optimizer steps (default 1200; recovery: 240; kd-vs-ce: 10, notebook 06's)")

@@ -112,12 +112,17 @@ def load_checkpoint(path: Path | None, fingerprint: dict) -> dict | None:
 
 def train(model: nn.Module, step_loss: Callable[[torch.Tensor], torch.Tensor], n_windows: int,
           settings: TrainSettings, evaluate: Callable[[], float], checkpoint: Path | None = None,
-          fingerprint: dict | None = None, progress: bool = True) -> Curve:
+          fingerprint: dict | None = None, progress: bool = True, stop_at: int | None = None) -> Curve:
     """AdamW on `model`'s trainable parameters; step_loss(rows) is the loss of the training windows `rows`.
 
     Resumes from `checkpoint` when it holds this run's state (same `fingerprint` and settings); writes it every
     `checkpoint_every` steps and at the end. evaluate() gives the held-out perplexity of the model as it is.
+    `stop_at`: end after that many steps of the `settings.steps`-step schedule, evaluated and checkpointed there;
+    a later call with a larger `stop_at` (or none) goes on from it as if never stopped.
     """
+    last_step = settings.steps if stop_at is None else stop_at
+    if not 1 <= last_step <= settings.steps:
+        raise ValueError(f"stop_at must be in [1, {settings.steps}] (the schedule's steps), got {stop_at}.")
     from tqdm.auto import tqdm
 
     fingerprint = {"settings": asdict(settings), **(fingerprint or {})}
@@ -157,10 +162,10 @@ def train(model: nn.Module, step_loss: Callable[[torch.Tensor], torch.Tensor], n
         curve.losses.append(loss)
         curve.train_seconds += time.perf_counter() - last
         done = step + 1
-        if done % settings.eval_every == 0 or done == settings.steps:
+        if done % settings.eval_every == 0 or done == last_step:
             record(done)
             bar.set_postfix(loss=f"{loss:.4f}", ppl=f"{curve.points[-1]['perplexity']:.1f}")
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
+        if done % settings.checkpoint_every == 0 or done == last_step:
             save(done)
         bar.update(1)
         last = time.perf_counter()
@@ -169,7 +174,7 @@ def train(model: nn.Module, step_loss: Callable[[torch.Tensor], torch.Tensor], n
     try:
         adamw_loop(list(params.values()), lambda step: step_loss(batch_rows(step, settings.batch_size, n_windows,
                                                                             settings.seed)),
-                   settings.steps, clip=settings.clip, on_step=after_step, optimizer=optimizer, start=start_step,
+                   last_step, clip=settings.clip, on_step=after_step, optimizer=optimizer, start=start_step,
                    schedule=lambda step: lr_at(step, settings))
     finally:
         bar.close()

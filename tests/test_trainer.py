@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cookbook import distillation as D
 from cookbook import student_training as S
 from cookbook.cli import main
 from cookbook.models import ByteTokenizer, tiny_model
@@ -100,3 +101,45 @@ def test_decode_speeds_time_each_model_on_the_bench_prompt():
     speeds = S.decode_speeds({"two layers": tiny_model(), "one layer": tiny_model(num_layers=1)}, ByteTokenizer(),
                              new_tokens=16, repeats=3)
     assert set(speeds) == {"two layers", "one layer"} and all(v > 0 for v in speeds.values())
+
+
+def test_a_stopped_run_goes_on_as_if_never_stopped(tmp_path):
+    settings = TrainSettings(steps=6, batch_size=2, seq_len=16, warmup=2, eval_every=3, checkpoint_every=5)
+    straight = tiny_model()
+    curve, _ = _run(straight, settings, tmp_path / "a.ckpt")
+    stopped = tiny_model()
+    windows = torch.randint(3, 500, (12, 16), generator=torch.Generator().manual_seed(0))
+    loss = lambda rows: F.cross_entropy(stopped(input_ids=windows[rows][:, :-1]).logits.flatten(0, 1),
+                                        windows[rows][:, 1:].flatten())
+    first = train(stopped, loss, 12, settings, lambda: 1.0, tmp_path / "b.ckpt", {"what": "test"}, False, stop_at=4)
+    assert [p["step"] for p in first.points] == [0, 3, 4] and len(first.losses) == 4, "evaluated where it stopped"
+    resumed = tiny_model()
+    curve_b, calls = _run(resumed, settings, tmp_path / "b.ckpt")
+    assert len(calls) == 2 and curve_b.losses == pytest.approx(curve.losses)
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    with pytest.raises(ValueError, match="stop_at"):
+        train(tiny_model(), loss, 12, settings, lambda: 1.0, stop_at=7)
+
+
+def test_a_shared_student_ties_pairs_from_their_mean_and_keeps_them_tied():
+    teacher = tiny_model(num_layers=4)
+    student = S.trainable_student(teacher, [0, 1, 2, 3], share=2, importance=[5.0, 1.0, 2.0, 9.0])
+    assert D.layer_storage_groups(student) == [[0, 1], [2, 3]] and student.config.num_hidden_layers == 4
+    up = lambda model, i: model.model.layers[i].mlp.up_proj.weight
+    assert torch.equal(up(student, 1), up(teacher, 0)) and torch.equal(up(student, 2), up(teacher, 3)), \
+        "each pair starts from its more important layer"
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    S.final_hidden(student, torch.tensor([[2, 5, 7]])).pow(2).mean().backward()
+    optimizer.step()
+    assert D.layer_storage_groups(student) == [[0, 1], [2, 3]], "a step moves both uses of a shared weight at once"
+    with pytest.raises(ValueError, match="share"):
+        S.StudentSettings(n_keep=12, share=5)
+    with pytest.raises(ValueError, match="importance"):
+        S.trainable_student(teacher, [0, 1], share=2)
+
+
+def test_train_student_checks_share_and_stop_at_before_loading_anything(capsys):
+    assert main(["train", "student", "--share", "5"]) == 2
+    assert "share" in capsys.readouterr().err
+    assert main(["train", "student", "--steps", "100", "--stop-at", "101"]) == 2
+    assert "--stop-at" in capsys.readouterr().err
