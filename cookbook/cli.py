@@ -216,7 +216,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     def run() -> None:
         changes = train_changes(args)
         keep = 12 if args.keep is None else args.keep  # the default student: 12 of 18 layers
-        settings = StudentSettings(n_keep=keep, train=replace(TrainSettings(), **changes), share=args.share)
+        settings = StudentSettings(n_keep=keep, train=replace(TrainSettings(), **changes), share=args.share,
+                                   relax_rank=args.relax_rank)
         if args.quick:
             settings = replace(settings, protocol=PerplexityProtocol(seq_len=256, stride=256, max_tokens=512))
         if args.stop_at is not None and not 1 <= args.stop_at <= settings.train.steps:
@@ -225,8 +226,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         teacher, tok = load_model(args.model, device="cpu")
         if not 1 <= keep < teacher.config.num_hidden_layers:
             raise ValueError(f"--keep must be in [1, {teacher.config.num_hidden_layers - 1}], got {keep}.")
-        shared = f"-shared-{args.share}" if args.share > 1 else ""
-        default = REPO_ROOT / ("build" if args.quick else "reports") / f"train-student-{keep}{shared}-cpu.json"
+        variant = settings.variant()
+        default = REPO_ROOT / ("build" if args.quick else "reports") / f"train-student-{keep}{variant}-cpu.json"
         out = Path(args.out) if args.out else default
         report = student_command(teacher, tok, model_name(args.model), settings, out, args.fresh,
                                  tag="-quick" if args.quick else "", stop_at=args.stop_at)
@@ -296,6 +297,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                                              "6 for 'kd-vs-ce')")
     tr.add_argument("--share", type=int, default=1,
                     help="student: consecutive kept layers that run on one set of weights (default 1: none; 2: pairs)")
+    tr.add_argument("--relax-rank", type=int, default=0,
+                    help="student with --share: each use of a shared layer gets its own norms and a LoRA of this "
+                         "rank (relaxed sharing; default 0: strict)")
     tr.add_argument("--stop-at", type=int, help="student: stop after this many steps of the schedule (resumable "
                                                 "later, as if never stopped); the report holds the curve so far")
     tr.add_argument("--seeds", type=int, help="kd-vs-ce: samples of training windows, seeds 1..N (default 5)")

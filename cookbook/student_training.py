@@ -44,15 +44,25 @@ class StudentSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     protocol: PerplexityProtocol = DEFAULT_PROTOCOL
     share: int = 1
+    relax_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.share < 1 or self.n_keep % self.share:
             raise ValueError(f"share must be a positive divisor of n_keep={self.n_keep} (the kept layers are tied in "
                              f"groups of `share` consecutive ones), got {self.share}.")
+        if self.relax_rank < 0 or (self.relax_rank and self.share == 1):
+            raise ValueError(f"relax_rank must be 0 (strict sharing) or a positive LoRA rank with share > 1 (it "
+                             f"relaxes the shared weights per use), got relax_rank={self.relax_rank}, "
+                             f"share={self.share}.")
 
     def to_dict(self) -> dict:
-        return {"n_keep": self.n_keep, "share": self.share, "train": asdict(self.train),
-                "protocol": asdict(self.protocol)}
+        return {"n_keep": self.n_keep, "share": self.share, "relax_rank": self.relax_rank,
+                "train": asdict(self.train), "protocol": asdict(self.protocol)}
+
+    def variant(self) -> str:
+        """What sets this run apart in file names: '', '-shared-2' or '-shared-2-relaxed-16'."""
+        shared = f"-shared-{self.share}" if self.share > 1 else ""
+        return shared + (f"-relaxed-{self.relax_rank}" if self.relax_rank else "")
 
 
 @torch.no_grad()
@@ -101,14 +111,35 @@ def shared_student(teacher: nn.Module, keep: list[int], share: int, importance: 
     return D.share_layer_parameters(student, groups)
 
 
+def relax_sharing(student: nn.Module, own_norms: list[dict[str, torch.Tensor]], rank: int) -> nn.Module:
+    """Relaxed sharing (Relaxed Recursive Transformers, Bae et al. 2024): every use of a shared layer gets its own
+    norm weights (`own_norms`: per layer, name -> tensor, e.g. the unshared twin's) and a LoRA of `rank` on each
+    linear (B = 0: it starts as the strictly shared layer), trained with the shared weights. A few MiB per use."""
+    from .lora import LoRALinear
+
+    for layer, norms in zip(decoder_layers(student), own_norms):
+        for name, value in norms.items():
+            module_name, _, leaf = name.rpartition(".")
+            setattr(layer.get_submodule(module_name), leaf, nn.Parameter(value.detach().clone()))
+        for name in [n for n, m in layer.named_modules() if type(m) is nn.Linear]:
+            module_name, _, leaf = name.rpartition(".")
+            parent = layer.get_submodule(module_name) if module_name else layer
+            setattr(parent, leaf, LoRALinear(getattr(parent, leaf), rank, alpha=2.0 * rank))
+    return student
+
+
 def trainable_student(teacher: nn.Module, keep: list[int], share: int = 1,
-                      importance: list[float] | None = None) -> nn.Module:
-    """The student with the teacher's layers `keep` (tied in groups of `share` by `importance`: `shared_student`);
-    every parameter but the shared, frozen embedding trains."""
+                      importance: list[float] | None = None, relax_rank: int = 0) -> nn.Module:
+    """The student with the teacher's layers `keep` (tied in groups of `share` by `importance`: `shared_student`;
+    relaxed per use by LoRAs of `relax_rank`: `relax_sharing`); every parameter but the frozen embedding trains."""
     if share > 1 and importance is None:
         raise ValueError("A shared student needs each layer's importance (layer_drop_perplexities) to pick the "
                          "layer whose weights each group keeps.")
     student = D.make_student(teacher, keep) if share == 1 else shared_student(teacher, keep, share, importance)
+    if relax_rank:
+        teacher_layers = decoder_layers(teacher)
+        norms = [{n: p for n, p in teacher_layers[i].named_parameters() if "norm" in n} for i in keep]  # each use's own
+        relax_sharing(student, norms, relax_rank)
     for name, p in student.named_parameters():
         p.requires_grad_("embed_tokens" not in name)
     return student
@@ -122,7 +153,7 @@ def train_student_run(teacher: nn.Module, tokenizer, settings: StudentSettings, 
     teacher.requires_grad_(False)
     s = settings.train
     windows = text_windows(encode(tokenizer, load_text(TRAIN_TEXT)), s.seq_len, tokenizer.bos_token_id)
-    student = trainable_student(teacher, keep, settings.share, importance)
+    student = trainable_student(teacher, keep, settings.share, importance, settings.relax_rank)
 
     def step_loss(rows: torch.Tensor) -> torch.Tensor:
         ids = windows[rows].to(student.device)  # (b, seq_len)
@@ -132,30 +163,32 @@ def train_student_run(teacher: nn.Module, tokenizer, settings: StudentSettings, 
 
     curve = train(student, step_loss, len(windows), s, lambda: perplexity(student, tokenizer, settings.protocol),
                   checkpoint, {"keep": keep, "protocol": asdict(settings.protocol),
-                               **({"share": settings.share} if settings.share > 1 else {})}, progress, stop_at)
+                               **({"share": settings.share} if settings.share > 1 else {}),
+                               **({"relax_rank": settings.relax_rank} if settings.relax_rank else {})},
+                  progress, stop_at)
     steps = curve.points[-1]["step"]
     return student, {"windows": len(windows), "steps run": steps, "epochs": steps * s.batch_size / len(windows),
                      "points": curve.points, "losses": curve.losses, "train seconds": curve.train_seconds}
 
 
-def student_path(n_keep: int, tag: str = "", share: int = 1) -> Path:
+def student_path(n_keep: int, tag: str = "", variant: str = "") -> Path:
     """Where the trained student is saved (a Hugging Face checkpoint, outside git); its training checkpoint
-    sits beside it (.ckpt). `tag` keeps a trial run (--quick) apart from the real one. A shared student is not
-    saved as a Hugging Face checkpoint (safetensors refuses shared tensors, notebook 07): its weights are the
-    trainable state in the .ckpt, which `load_shared_student` puts back."""
-    shared = f"-shared-{share}" if share > 1 else ""
-    return cache_dir() / f"student-{n_keep}-layers{shared}-hidden-kd{tag}"
+    sits beside it (.ckpt). `tag` keeps a trial run (--quick) apart from the real one; `variant` a shared one
+    (`StudentSettings.variant`). A shared student is not saved as a Hugging Face checkpoint (safetensors refuses
+    shared tensors, notebook 07): its weights are the trainable state in the .ckpt, which `load_shared_student`
+    puts back."""
+    return cache_dir() / f"student-{n_keep}-layers{variant}-hidden-kd{tag}"
 
 
-def load_shared_student(teacher: nn.Module, n_keep: int = 12, share: int = 2, tag: str = "") -> nn.Module | None:
-    """The shared student trained by `train student --share` (as far as its checkpoint goes), or None if this
-    machine has not run it."""
-    path = student_path(n_keep, tag, share).with_suffix(".ckpt")
+def load_shared_student(teacher: nn.Module, settings: StudentSettings, tag: str = "") -> nn.Module | None:
+    """The shared student trained by `train student --share` with `settings` (as far as its checkpoint goes), or
+    None if this machine has not run it."""
+    path = student_path(settings.n_keep, tag, settings.variant()).with_suffix(".ckpt")
     if not path.exists():
         return None
     state = torch.load(path, weights_only=False)
     n = teacher.config.num_hidden_layers  # every trainable weight comes from the checkpoint: any start will do
-    student = trainable_student(teacher, state["fingerprint"]["keep"], share, importance=[0.0] * n)
+    student = trainable_student(teacher, state["fingerprint"]["keep"], settings.share, [0.0] * n, settings.relax_rank)
     with torch.no_grad():
         for name, p in student.named_parameters():
             if name in state["model"]:
@@ -185,7 +218,7 @@ def student_command(teacher: nn.Module, tokenizer, model_name: str, settings: St
     began = time.perf_counter()
     drop = layer_drop_perplexities(teacher, tokenizer)
     keep = keep_by_importance(drop, settings.n_keep)
-    saved = student_path(settings.n_keep, tag, settings.share)
+    saved = student_path(settings.n_keep, tag, settings.variant())
     checkpoint = saved.with_suffix(".ckpt")
     if fresh and checkpoint.exists():
         checkpoint.unlink()

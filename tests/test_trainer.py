@@ -143,3 +143,37 @@ def test_train_student_checks_share_and_stop_at_before_loading_anything(capsys):
     assert "share" in capsys.readouterr().err
     assert main(["train", "student", "--steps", "100", "--stop-at", "101"]) == 2
     assert "--stop-at" in capsys.readouterr().err
+    assert main(["train", "student", "--relax-rank", "4"]) == 2, "relaxing needs --share"
+    assert "relax_rank" in capsys.readouterr().err
+
+
+def test_relaxed_sharing_ties_only_the_linears_and_starts_as_strict_sharing():
+    teacher = tiny_model(num_layers=4)
+    relaxed = S.trainable_student(teacher, [0, 1, 2, 3], share=2, importance=[5.0, 1.0, 2.0, 9.0], relax_rank=2)
+    layers = relaxed.model.layers
+    assert layers[0].mlp.up_proj.base.weight is layers[1].mlp.up_proj.base.weight, "the pair's linears stay shared"
+    assert layers[0].mlp.up_proj.lora_A is not layers[1].mlp.up_proj.lora_A and \
+        layers[0].input_layernorm.weight is not layers[1].input_layernorm.weight, "each use has its own LoRA and norms"
+    assert torch.equal(layers[1].input_layernorm.weight, teacher.model.layers[1].input_layernorm.weight)
+    assert all(m.lora_B.abs().sum() == 0 for m in relaxed.modules() if hasattr(m, "lora_B")), "B = 0 at the start"
+    assert all(p.requires_grad == ("embed_tokens" not in n) for n, p in relaxed.named_parameters())
+    with pytest.raises(ValueError, match="relax_rank"):
+        S.StudentSettings(n_keep=4, relax_rank=2)
+
+
+def test_a_shared_run_reports_and_loads_back_from_its_checkpoint(tmp_path, monkeypatch):
+    import json
+
+    from cookbook.evaluate import PerplexityProtocol, perplexity
+
+    monkeypatch.setenv("COOKBOOK_CACHE", str(tmp_path / "cache"))
+    teacher, tok = tiny_model(num_layers=4), ByteTokenizer()
+    tiny = PerplexityProtocol(seq_len=32, stride=32, max_tokens=64)
+    settings = S.StudentSettings(n_keep=4, share=2, relax_rank=2, protocol=tiny, train=TrainSettings(
+        steps=4, batch_size=2, seq_len=32, lr=1e-3, warmup=1, eval_every=1, checkpoint_every=2))
+    report = S.student_command(teacher, tok, "tiny", settings, tmp_path / "s.json", progress=False, stop_at=2)
+    assert json.loads((tmp_path / "s.json").read_text())["steps run"] == report["steps run"] == 2
+    assert report["weights, in the cache folder"] == "student-4-layers-shared-2-relaxed-2-hidden-kd.ckpt"
+    loaded = S.load_shared_student(teacher, settings)
+    assert perplexity(loaded, tok, tiny) == pytest.approx(report["student perplexity"], rel=1e-5)
+    assert S.load_shared_student(teacher, S.StudentSettings(n_keep=4, share=2, protocol=tiny)) is None
