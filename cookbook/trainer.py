@@ -138,6 +138,9 @@ def train(model: nn.Module, step_loss: Callable[[torch.Tensor], torch.Tensor], n
                 p.copy_(state["model"][n])
         optimizer.load_state_dict(state["optimizer"])
         curve, start_step = state["curve"], state["step"]
+        if start_step > last_step:
+            raise ValueError(f"The checkpoint {checkpoint} is at step {start_step}, past stop_at={stop_at}: pass a "
+                             f"later stop (or none) to go on, or fresh=True (--fresh) to start over.")
 
     def save(step: int) -> None:
         if checkpoint is not None:

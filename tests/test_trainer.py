@@ -119,6 +119,8 @@ def test_a_stopped_run_goes_on_as_if_never_stopped(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
     with pytest.raises(ValueError, match="stop_at"):
         train(tiny_model(), loss, 12, settings, lambda: 1.0, stop_at=7)
+    with pytest.raises(ValueError, match="past stop_at=3"):
+        train(tiny_model(), loss, 12, settings, lambda: 1.0, tmp_path / "b.ckpt", {"what": "test"}, False, stop_at=3)
 
 
 def test_a_shared_student_ties_pairs_from_their_mean_and_keeps_them_tied():
