@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distillation as D
-from .core import decoder_layers
+from .core import LINEAR_NAMES, decoder_layers
 from .data import encode, load_text
 from .evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, perplexity
 from .models import cache_dir
@@ -115,16 +115,13 @@ def relax_sharing(student: nn.Module, own_norms: list[dict[str, torch.Tensor]], 
     """Relaxed sharing (Relaxed Recursive Transformers, Bae et al. 2024): every use of a shared layer gets its own
     norm weights (`own_norms`: per layer, name -> tensor, e.g. the unshared twin's) and a LoRA of `rank` on each
     linear (B = 0: it starts as the strictly shared layer), trained with the shared weights. A few MiB per use."""
-    from .lora import LoRALinear
+    from .lora import LoRALinear, _set_module
 
     for layer, norms in zip(decoder_layers(student), own_norms):
         for name, value in norms.items():
-            module_name, _, leaf = name.rpartition(".")
-            setattr(layer.get_submodule(module_name), leaf, nn.Parameter(value.detach().clone()))
-        for name in [n for n, m in layer.named_modules() if type(m) is nn.Linear]:
-            module_name, _, leaf = name.rpartition(".")
-            parent = layer.get_submodule(module_name) if module_name else layer
-            setattr(parent, leaf, LoRALinear(getattr(parent, leaf), rank, alpha=2.0 * rank))
+            _set_module(layer, name, nn.Parameter(value.detach().clone()))
+        for name in LINEAR_NAMES:
+            _set_module(layer, name, LoRALinear(layer.get_submodule(name), rank, alpha=2.0 * rank))
     return student
 
 
