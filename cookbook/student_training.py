@@ -55,10 +55,6 @@ class StudentSettings:
                              f"relaxes the shared weights per use), got relax_rank={self.relax_rank}, "
                              f"share={self.share}.")
 
-    def to_dict(self) -> dict:
-        return {"n_keep": self.n_keep, "share": self.share, "relax_rank": self.relax_rank,
-                "train": asdict(self.train), "protocol": asdict(self.protocol)}
-
     def variant(self) -> str:
         """What sets this run apart in file names: '', '-shared-2' or '-shared-2-relaxed-16'."""
         shared = f"-shared-{self.share}" if self.share > 1 else ""
@@ -228,7 +224,7 @@ def student_command(teacher: nn.Module, tokenizer, model_name: str, settings: St
     final = run["points"][-1]["perplexity"]
     report = {
         "kind": REPORT_KIND, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": model_name,
-        "machine": machine_info(torch.device("cpu")), "settings": settings.to_dict(),
+        "machine": machine_info(torch.device("cpu")), "settings": asdict(settings),
         "loss": "hidden-state distillation: MSE to the teacher's final normed hidden state / its mean square",
         "layer drop perplexities": drop, "importance protocol": asdict(IMPORTANCE_PROTOCOL), "keep": keep,
         "teacher perplexity": teacher_ppl, "student perplexity": final, "ratio to teacher": final / teacher_ppl,
