@@ -15,10 +15,11 @@ ran): the int8 one reads the codes about twice as fast as PyTorch's on our CPUs;
 than PyTorch's vector kernel and does not depend on torch's build (see below). Both take float32 activations.
 
 PyTorch's kernels are fast with bfloat16 activations and fall back to slow scalar code with float32 ones, so the
-activation is cast to bf16 around their call only; the rest of the model keeps its dtype. Where a format has no
-kernel (NF4's non-uniform levels, int8 in groups, shapes the kernel rejects) `pack_quantized_linears` says so
-and raises, or, with `fallback=True`, keeps the reference module and returns the reason: never a silent
-slowdown. CPU kernels only for now: for a weight on a GPU `why_not_packed` says so.
+activation is cast to bf16 around their call only; the rest of the model keeps its dtype. PyTorch has no kernel
+for NF4's non-uniform levels: `pack_model` gives NF4 linears ours (`cookbook.nf4_kernel`). Where a format has no
+kernel (int8 in groups, shapes the kernel rejects) `pack_quantized_linears` says so and raises, or, with
+`fallback=True`, keeps the reference module and returns the reason: never a silent slowdown. CPU kernels only
+for now: for a weight on a GPU `why_not_packed` says so.
 
 Under torch's scalar build (ATEN_CPU_CAPABILITY=default, or a CPU it has no vector code for) PyTorch's kernels are
 scalar loops: its int4 decode step is about 30x slower than ours (the decode steps run ours, compiled for the CPU
@@ -38,8 +39,10 @@ from torch import nn
 
 from . import matvec
 from .measure import cpu_has_native_bf16, cpu_vector_kernels
-from .quantization import (HeadView, Int8TiedEmbedding, QuantizedWeight, QuantLinear, quantize_linears_rtn,
-                           quantize_weight, replace_tied_table, swap_modules)
+from .nf4_kernel import PackedNF4Linear, pack_nf4_linears  # noqa: F401 (PackedNF4Linear: K's packed modules)
+from .quantization import (HeadView, Int8TiedEmbedding, NF4Linear, QuantizedWeight, QuantLinear,
+                           quantize_linears_rtn, quantize_weight, replace_tied_table, swap_modules)
+from .quantization.formats import swap_where_possible
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 INT4_ROW_MULTIPLE = 16  # the CPU int4 layout packs 16 output rows together
@@ -215,20 +218,9 @@ def pack_quantized_linears(model: nn.Module, fallback: bool = False) -> tuple[di
     Returns (originals for `restore_modules`, {name: reason} of the modules left on the reference path).
     With fallback=False (the default) any module without a kernel raises instead, naming it and why.
     """
-    new, kept = {}, {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            reason = why_not_packed(module.quantized_weight())
-            if reason is None:
-                new[name] = packed_linear(module)
-            elif fallback:
-                kept[name] = reason
-            else:
-                raise ValueError(f"{name} has no packed kernel: {reason}. Pass fallback=True to keep it on "
-                                 "the reference (dequantize-then-matmul) path.")
-    if not new and not kept:
-        raise ValueError("The model holds no QuantLinear: quantize it first (e.g. quantize_linears_rtn).")
-    return swap_modules(model, new), kept
+    none_found = "The model holds no QuantLinear: quantize it first (e.g. quantize_linears_rtn)."
+    return swap_where_possible(model, QuantLinear, lambda m: why_not_packed(m.quantized_weight()), packed_linear,
+                               fallback, none_found)
 
 
 class PackedInt8Head(nn.Module):
@@ -266,13 +258,14 @@ def pack_int8_head(model: nn.Module) -> dict[str, nn.Module]:
 
 def use_our_kernels(model: nn.Module, on: bool = True) -> int:
     """Send `model`'s packed decode steps (int8 and int4) through our kernels (on) or PyTorch's (off), to compare
-    the two on the same codes; returns how many modules it switched. A compiled decoder must be built again after
+    the two on the same codes (NF4, which PyTorch has no kernel for, through its reference path when off);
+    returns how many modules it switched. A compiled decoder must be built again after
     a switch."""
     if on and not matvec.available():
         raise ValueError(f"Our kernels are not available here: {matvec.status()}.")
     switched = []
     for m in model.modules():
-        if isinstance(m, (PackedInt8Linear, PackedInt8Head)) or (
+        if isinstance(m, (PackedInt8Linear, PackedInt8Head, PackedNF4Linear)) or (
                 isinstance(m, (PackedInt4Linear, PackedInt4TiedTable)) and matvec.int4_reads(m.layout)):
             m.ours = on
             switched.append(m)
@@ -280,13 +273,18 @@ def use_our_kernels(model: nn.Module, on: bool = True) -> int:
 
 
 def pack_model(model: nn.Module, fallback: bool = False) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """Every packed kernel a quantized model can take, in place: its QuantLinears (`pack_quantized_linears`)
-    and, when its tied table is int8 (`quantize_tied_embedding_int8`), the head (`pack_int8_head`).
+    """Every packed kernel a quantized model can take, in place: its QuantLinears (`pack_quantized_linears`), its
+    NF4Linears (`nf4_kernel.pack_nf4_linears`) and, when its tied table is int8 (`quantize_tied_embedding_int8`),
+    the head (`pack_int8_head`).
 
     Returns (originals for `restore_modules`, {name: reason} of what stays on the reference path); a float
     head stays float and is listed there, so a caller sees what the packed form does not cover.
     """
-    originals, kept = pack_quantized_linears(model, fallback)
+    has = {kind: any(isinstance(m, kind) for m in model.modules()) for kind in (NF4Linear, QuantLinear)}
+    originals, kept = pack_nf4_linears(model, fallback) if has[NF4Linear] else ({}, {})
+    if has[QuantLinear] or not has[NF4Linear]:  # (neither: pack_quantized_linears says what to do)
+        more, more_kept = pack_quantized_linears(model, fallback)
+        originals, kept = originals | more, kept | more_kept
     table = getattr(model.lm_head, "table", None)
     if isinstance(model.lm_head, HeadView) and isinstance(table, Int8TiedEmbedding):
         originals |= pack_int8_head(model)

@@ -8,12 +8,16 @@ tests/test_matvec.py:
   PyTorch's int4 kernel packs them in (so one copy serves both kernels). It is about 10% faster than PyTorch's
   vector kernel on an AMD EPYC (AVX-512), 30x faster than its scalar build (ATEN_CPU_CAPABILITY=default, or a
   CPU torch has no vector code for), and sums float32 activations where PyTorch's casts them to bf16.
+- `csrc/nf4_matvec.cpp`: NF4 linears (`nf4_kernel.PackedNF4Linear`). PyTorch has no kernel for NF4's non-uniform
+  levels; this one looks each code up in the 16-value codebook held in a register (one permute per vector of codes)
+  and applies each block's absmax (double-quantized or not) once per block.
 
-Both sum in float32. They are compiled once per machine on first use (`torch.utils.cpp_extension`, about 30 s,
+All sum in float32. They are compiled once per machine on first use (`torch.utils.cpp_extension`, about 30 s,
 cached), for that CPU's vector instructions, and registered with PyTorch's dispatcher as the ops
-`cookbook::int8_matvec` and `cookbook::int4_matvec` (in C++, so a call costs no Python), with shape functions
-here, so `torch.compile` keeps them inside a fullgraph decode step. Without a C++ compiler, or with
-`COOKBOOK_KERNELS=aten`, `status()` says why and the packed modules keep PyTorch's kernels.
+`cookbook::int8_matvec`, `cookbook::int4_matvec` and `cookbook::nf4_matvec` (in C++, so a call costs no Python),
+with shape functions here, so `torch.compile` keeps them inside a fullgraph decode step. Without a C++ compiler, or with
+`COOKBOOK_KERNELS=aten`, `status()` says why and the packed modules keep PyTorch's kernels (NF4, which has none,
+its dequantize-then-matmul reference).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 from .measure import _cpu_flags
 
-SOURCES = [Path(__file__).parent / "csrc" / f"{name}.cpp" for name in ("int8_matvec", "int4_matvec")]
+SOURCES = [Path(__file__).parent / "csrc" / f"{name}.cpp" for name in ("int8_matvec", "int4_matvec", "nf4_matvec")]
 MAX_ROWS = 8  # decode steps and short drafts; longer inputs (prefill) keep PyTorch's batched kernels
 INT4_BLOCKS = (32, 64)  # the int4 layouts' row blocks the int4 kernel reads (kernels.INT4_LAYOUTS)
 
@@ -56,6 +60,7 @@ def _extension():
         return None, f"building csrc/*_matvec.cpp failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
     torch.library.register_fake("cookbook::int8_matvec")(_int8_shape)  # loading the binary defined the ops
     torch.library.register_fake("cookbook::int4_matvec")(_int4_shape)
+    torch.library.register_fake("cookbook::nf4_matvec")(_nf4_shape)
     return module, None
 
 
@@ -70,11 +75,17 @@ def _int4_shape(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     return x.new_empty((x.shape[0], scales_and_zeros.shape[1]))
 
 
+def _nf4_shape(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.Tensor,
+               absmax_offset: torch.Tensor, codebook: torch.Tensor, block_size: int) -> torch.Tensor:
+    """x (m, k), packed (n, k // 2) -> (m, n) float32."""
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
 def status() -> str:
     """Which kernels the packed int8 and int4 decode steps use here, and why."""
     module, why_not = _extension()
-    return ("ours (cookbook/csrc/int8_matvec.cpp, int4_matvec.cpp)" if module is not None
-            else f"aten._weight_int8pack_mm and _weight_int4pack_mm_for_cpu: {why_not}")
+    return ("ours (cookbook/csrc/int8_matvec.cpp, int4_matvec.cpp, nf4_matvec.cpp)" if module is not None
+            else f"aten._weight_int8pack_mm and _weight_int4pack_mm_for_cpu, NF4 on its reference path: {why_not}")
 
 
 def available() -> bool:
@@ -99,6 +110,16 @@ def int4_matvec(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     Only where `int4_reads(layout)`: callers check it once and keep PyTorch's kernel otherwise."""
     return torch.ops.cookbook.int4_matvec(x.contiguous(), packed, scales_and_zeros, group_size, layout[0],
                                           layout[1] == "half")
+
+
+def nf4_matvec(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.Tensor,
+               absmax_offset: torch.Tensor, codebook: torch.Tensor, block_size: int) -> torch.Tensor:
+    """x (m, k) float32 @ W.T -> (m, n) float32, for W = codebook[q] * absmax per block of `block_size` inputs, the
+    codes `packed` (n, k // 2) as `nf4_kernel.pack_nf4_rows` lays them out; `absmax` float32 per block, or int8
+    double-quantization codes with `absmax_scale` (one per 256 blocks) and `absmax_offset` (1,). Only where
+    `available()`: callers check it once and keep the reference path otherwise."""
+    return torch.ops.cookbook.nf4_matvec(x.contiguous(), packed, absmax, absmax_scale, absmax_offset, codebook,
+                                         block_size)
 
 
 def use_for(on: bool, rows: int, device: torch.device) -> bool:

@@ -144,6 +144,10 @@ def test_packed_rows_hold_the_same_codes_in_fewer_bytes_per_token(rows, tiny):
     for method in ("GPTQ", "AWQ"):
         assert by[f"{method} int4 + int8 head, packed"]["perplexity"] == pytest.approx(
             by[f"{method} int4"]["perplexity"], rel=0.02)
+    nf4, nf4_packed, nf4_head = (by[f"NF4 + double quant{s}"] for s in ("", ", packed", " + int8 head, packed"))
+    assert nf4_packed["params"] == nf4["params"] == nf4_head["params"] == rows[0]["params"]
+    assert nf4_packed["bytes/token"] == nf4["bytes/token"] > nf4_head["bytes/token"]  # the same NF4 bytes
+    assert nf4_packed["perplexity"] == pytest.approx(nf4["perplexity"], rel=1e-5)  # prefill: the reference path
 
 
 def test_llamacpp_row_says_why_it_is_not_measured_for_another_model(rows):

@@ -29,7 +29,7 @@ def represented_parameters(model: nn.Module) -> int:
     n = count_parameters(model)
     tables = set()
     for m in model.modules():
-        if isinstance(m, (Q.QuantLinear, Q.NF4Linear, K.PackedInt4Linear, K.PackedInt8Linear)):
+        if isinstance(m, (Q.QuantLinear, Q.NF4Linear, K.PackedInt4Linear, K.PackedInt8Linear, K.PackedNF4Linear)):
             n += m.out_features * m.in_features
         elif isinstance(m, (Q.Int8MixedLinear, Q.W8A8Linear)):
             n += m.weight_codes.numel()

@@ -160,10 +160,24 @@ def bench_nf4(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
     """NF4 with double quantization (QLoRA's storage format, notebook 04)."""
     work = fresh_copy(model)
     Q.quantize_linears_nf4(work, 64, double_quant=True)
-    row = measure_model(work, tokenizer, settings, "weight quantization", "NF4 + double quant", "nf4 b64",
-                        REFERENCE_NOTE + "; no packed CPU kernel for NF4's non-uniform levels")
+    rows = [measure_model(work, tokenizer, settings, "weight quantization", "NF4 + double quant", "nf4 b64",
+                          REFERENCE_NOTE + "; bitsandbytes' CPU path works the same way")]
+    if device.type != "cpu" or not matvec.available():
+        why = "the NF4 kernel is a CPU kernel" if device.type != "cpu" else matvec.status()
+        return rows + [result_row("weight quantization", "NF4 + double quant, packed", "nf4 b64",
+                                  notes=f"not measured: {why}")]
+    K.pack_nf4_linears(work)  # the same codes and absmaxes on our NF4 kernel (csrc/nf4_matvec.cpp)
+    note = "our NF4 kernel for decode steps (the codebook looked up in registers), the reference for prefill"
+    rows.append(measure_model(work, tokenizer, settings, "weight quantization", "NF4 + double quant, packed",
+                              "nf4 b64", note + "; float head"))
+    Q.quantize_tied_embedding_int8(work)
+    K.pack_int8_head(work)
+    rows.append(measure_model(work, tokenizer, settings, "weight quantization", "NF4 + double quant + int8 head, "
+                              "packed", "nf4 b64 + int8 emb", note + "; the tied table int8, one scale per row"))
+    if settings.compile:
+        rows.append(compiled_row(work, tokenizer, settings, rows[-1]))
     del work
-    return [row]
+    return rows
 
 
 def bench_wanda(model, tokenizer, device, settings: BenchSettings) -> list[dict]:

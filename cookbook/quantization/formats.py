@@ -344,6 +344,28 @@ def restore_modules(model: nn.Module, originals: dict[str, nn.Module]) -> None:
     swap_modules(model, originals)
 
 
+def swap_where_possible(model: nn.Module, kind: type, why_not, make, fallback: bool,
+                        none_found: str) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Swap every `kind` module m in `model` for make(m) where why_not(m) is None (the fast twin of a reference
+    module), in place. Returns (originals for `restore_modules`, {name: reason} of the modules left as they are);
+    with fallback=False a module that cannot be swapped raises instead, naming it and why. `none_found` is the
+    error when the model holds no `kind` module at all."""
+    new, kept = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, kind):
+            reason = why_not(module)
+            if reason is None:
+                new[name] = make(module)
+            elif fallback:
+                kept[name] = reason
+            else:
+                raise ValueError(f"{name} has no packed kernel: {reason}. Pass fallback=True to keep it on "
+                                 "the reference (dequantize-then-matmul) path.")
+    if not new and not kept:
+        raise ValueError(none_found)
+    return swap_modules(model, new), kept
+
+
 def quantize_linears_rtn(model: nn.Module, bits: int, group_size: int | None = None,
                          symmetric: bool = True) -> dict[str, nn.Module]:
     """Swap every decoder nn.Linear for an RTN QuantLinear; returns the originals."""
