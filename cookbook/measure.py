@@ -23,15 +23,29 @@ import psutil
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 # ---------------------------------------------------------------- sizes
+
+
+def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors `t` stores: itself, or for a tensor subclass that wraps others (torchao's quantized
+    weights: codes, scales, zero points) those tensors."""
+    if not is_traceable_wrapper_subclass(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [leaf for name in names if getattr(t, name) is not None for leaf in _leaves(getattr(t, name))]
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return tuple((x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.dtype) for x in _leaves(t))
 
 
 def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """Tensors with distinct storage (tied weights counted once)."""
     seen, out = set(), []
     for t in tensors:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.dtype)
+        key = _storage_key(t)
         if key not in seen:
             seen.add(key)
             out.append(t)
@@ -58,7 +72,7 @@ def model_bytes(model: nn.Module) -> int:
 
 def _held_tensors(module: nn.Module) -> list[torch.Tensor]:
     buffers = [b for name, b in module.named_buffers() if _is_persistent(module, name)]
-    return _unique([*module.parameters(), *buffers])
+    return _unique([leaf for t in [*module.parameters(), *buffers] for leaf in _leaves(t)])
 
 
 def decode_bytes_per_token(model: nn.Module) -> int:

@@ -1,6 +1,7 @@
 import json
 import math
 import re
+import sys
 
 import pytest
 import torch
@@ -148,6 +149,18 @@ def test_packed_rows_hold_the_same_codes_in_fewer_bytes_per_token(rows, tiny):
     assert nf4_packed["params"] == nf4["params"] == nf4_head["params"] == rows[0]["params"]
     assert nf4_packed["bytes/token"] == nf4["bytes/token"] > nf4_head["bytes/token"]  # the same NF4 bytes
     assert nf4_packed["perplexity"] == pytest.approx(nf4["perplexity"], rel=1e-5)  # prefill: the reference path
+
+
+def test_torchao_rows_are_measured_or_say_how_to_install(rows, tiny, monkeypatch):
+    ao = [r for r in rows if r["variant"].startswith("torchao")]
+    assert ao
+    for r in ao:  # measured where torchao is installed (an optional extra), else a row that says so
+        assert (r["decode tok/s"] and r["params"] == rows[0]["params"]) or "not measured" in r["notes"], r
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # as if it were not installed
+    model, tok = tiny
+    settings = bench.make_settings(torch.device("cpu"), compile=False, **TINY)
+    (row,) = bench.TECHNIQUES["torchao"](model, tok, torch.device("cpu"), settings)
+    assert row["decode tok/s"] is None and "pip install -e '.[torchao]'" in row["notes"]
 
 
 def test_llamacpp_row_says_why_it_is_not_measured_for_another_model(rows):

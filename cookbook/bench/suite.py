@@ -17,7 +17,7 @@ from .serving import bench_load_test, bench_serving
 from .settings import BenchSettings, tokens_per_joule, usd_per_million_tokens
 from .weights import (bench_baseline, bench_distilled_student, bench_gptq_awq, bench_llamacpp, bench_lora, bench_moe,
                       bench_nf4, bench_outliers, bench_precision, bench_rtn, bench_sharing, bench_structured,
-                      bench_wanda)
+                      bench_torchao, bench_wanda)
 
 TECHNIQUES: dict[str, Callable[..., list[dict]]] = {
     "precision": bench_precision,
@@ -40,6 +40,7 @@ TECHNIQUES: dict[str, Callable[..., list[dict]]] = {
     "lora": bench_lora,
     "recipe": bench_recipe,
     "llamacpp": bench_llamacpp,
+    "torchao": bench_torchao,
 }
 
 

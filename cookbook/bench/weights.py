@@ -267,6 +267,50 @@ def bench_llamacpp(model, tokenizer, device, settings: BenchSettings) -> list[di
     return [row | {"bytes held": size, "bytes/token": size}, exported_gptq_row(model, tokenizer, device, settings)]
 
 
+TORCHAO_HINT = "pip install -e '.[torchao]'"
+
+
+def torchao_configs(group_size: int) -> dict[str, tuple[str, object, str]]:
+    """torchao's weight-only configs beside our RTN rows: {variant: (format, config, how its CPU path runs)};
+    ImportError without torchao."""
+    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    return {"torchao int8 weight-only": ("int8 per channel", Int8WeightOnlyConfig(),
+                                         "Int8Tensor: torch.mm of the activations with the int8 codes, then the scales"),
+            f"torchao int4 weight-only g{group_size}": (f"int4 g{group_size}", IntxWeightOnlyConfig(
+                weight_dtype=torch.int4, granularity=PerGroup(group_size)),
+                "IntxUnpackedToInt8Tensor: one int4 code per byte, dequantized on every call (no CPU int4 layout in "
+                "this torchao)")}
+
+
+def bench_torchao(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
+    """torchao's weight-only quantization of the decoder linears (optional extra), the library beside our RTN int8
+    and int4 packed rows with their float head: the same linears, formats and protocol, measured in the same run."""
+    try:
+        configs = torchao_configs(settings.group_size)
+    except ImportError as err:
+        return [result_row("weight quantization", "torchao weight-only", "int8 / int4",
+                           notes=f"not measured: torchao is not installed ({TORCHAO_HINT}; {err})")]
+    import torchao
+    from torchao.quantization import quantize_
+
+    rows = []
+    for variant, (fmt, config, how) in configs.items():
+        work = fresh_copy(model)
+        linears = set(Q.decoder_linears(work))
+        try:
+            quantize_(work, config, filter_fn=lambda module, name: name in linears)
+        except Exception as err:  # noqa: BLE001 (a config this torch / torchao pair cannot run: say which)
+            rows.append(result_row("weight quantization", variant, fmt, notes=f"not measured: {type(err).__name__}: "
+                                   f"{str(err).splitlines()[0][:200]}"))
+            continue
+        rows.append(measure_model(work, tokenizer, settings, "weight quantization", variant, fmt,
+                                  f"torchao {torchao.__version__} quantize_, decoder linears only, float head; {how}"))
+        del work
+    return rows
+
+
 def exported_gptq_row(model, tokenizer, device, settings: BenchSettings) -> dict:
     """Our GPTQ (4 bits, symmetric groups of 32: Q4_0's grid) written into the packaged GGUF's template by
     `gguf_export` and run by llama.cpp: perplexity and greedy tokens against our model holding the same codes."""
