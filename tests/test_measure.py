@@ -59,6 +59,15 @@ def test_trainable_only():
     assert count_parameters(m, trainable_only=True) == 12
 
 
+def test_model_bytes_counts_what_a_tensor_subclass_wraps():
+    # torchao's quantized weights are tensor subclasses wrapping codes and scales; torch's TwoTensor wraps two
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    linear = nn.Linear(4, 3, bias=False)
+    linear.weight = nn.Parameter(TwoTensor(torch.zeros(3, 4), torch.ones(3, 4)), requires_grad=False)
+    assert model_bytes(linear) == 2 * 3 * 4 * 4 and count_parameters(linear) == 12
+
+
 def test_kv_cache_bytes_per_token_from_config():
     cfg = tiny_model().config  # 2 layers, 1 kv head, head_dim 16
     assert kv_cache_bytes_per_token(cfg, torch.float32) == 2 * 2 * 1 * 16 * 4
