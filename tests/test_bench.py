@@ -40,7 +40,7 @@ def rows(tiny):
 def test_batching_rows_compare_three_policies_on_the_same_tokens(rows):
     batching = {r["variant"]: r for r in rows if r["technique"] == "serving" and " batching, batch" in r["variant"]}
     assert list(batching) == [f"{name}, batch 2" for name in bench.serving.BATCHING]
-    assert all("6 requests all waiting" in r["notes"] and r["notes"].endswith("same tokens in every policy: True")
+    assert all("6 requests all waiting" in r["notes"] and r["notes"].endswith("tokens differ between policies: 0 of 6")
                for r in batching.values())
 
 
