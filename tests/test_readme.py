@@ -30,9 +30,10 @@ def test_readme_table_is_its_report():
 
 
 def test_readme_states_each_linked_reports_date_and_run_time():
-    """Every bench report the README links (the Xeon's of the table, the AMD's of the paragraph after it) is
+    """Every bench report the README links (the AMD EPYC's of the table, the Xeon's of the paragraph after it) is
     quoted with the date and run time it records: after a rerun of either bench this fails until the README's
-    figures from that report are reread (the AMD paragraph's are copied by hand, not printed by the script)."""
+    figures from that report are reread (the Xeon paragraph's and the bullets' are copied by hand, not printed by
+    the script)."""
     readme = (ROOT / "README.md").read_text()
     linked = sorted(set(re.findall(r"\]\((reports/[\w.-]+)\.md\)", readme)))
     assert linked, "the README links its bench reports"
