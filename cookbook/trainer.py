@@ -110,6 +110,28 @@ def load_checkpoint(path: Path | None, fingerprint: dict) -> dict | None:
     return state
 
 
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that require a gradient, by name; an error if there are none."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("Nothing to train: every parameter of the model is frozen.")
+    return params
+
+
+def resume(checkpoint: Path | None, fingerprint: dict, params: dict[str, nn.Parameter],
+           optimizer: torch.optim.Optimizer) -> tuple[Curve, int]:
+    """Load this run's checkpoint (`load_checkpoint`) into `params` and `optimizer`; its curve and step, or a new
+    curve at step 0 when there is none."""
+    state = load_checkpoint(checkpoint, fingerprint)
+    if state is None:
+        return Curve(), 0
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state["model"][n])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["curve"], state["step"]
+
+
 def train(model: nn.Module, step_loss: Callable[[torch.Tensor], torch.Tensor], n_windows: int,
           settings: TrainSettings, evaluate: Callable[[], float], checkpoint: Path | None = None,
           fingerprint: dict | None = None, progress: bool = True, stop_at: int | None = None) -> Curve:
@@ -126,26 +148,12 @@ def train(model: nn.Module, step_loss: Callable[[torch.Tensor], torch.Tensor], n
     from tqdm.auto import tqdm
 
     fingerprint = {"settings": asdict(settings), **(fingerprint or {})}
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError("Nothing to train: every parameter of the model is frozen.")
+    params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=0.0)
-    curve, start_step = Curve(), 0
-    state = load_checkpoint(checkpoint, fingerprint)
-    if state is not None:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state["model"][n])
-        optimizer.load_state_dict(state["optimizer"])
-        curve, start_step = state["curve"], state["step"]
-        if start_step > last_step:
-            raise ValueError(f"The checkpoint {checkpoint} is at step {start_step}, past stop_at={stop_at}: pass a "
-                             f"later stop (or none) to go on, or fresh=True (--fresh) to start over.")
-
-    def save(step: int) -> None:
-        if checkpoint is not None:
-            save_atomically({"fingerprint": fingerprint, "step": step, "model": trainable_state(model),
-                             "optimizer": optimizer.state_dict(), "curve": curve}, checkpoint)
+    curve, start_step = resume(checkpoint, fingerprint, params, optimizer)
+    if start_step > last_step:
+        raise ValueError(f"The checkpoint {checkpoint} is at step {start_step}, past stop_at={stop_at}: pass a "
+                         f"later stop (or none) to go on, or fresh=True (--fresh) to start over.")
 
     def record(step: int) -> None:
         model.eval()
@@ -168,8 +176,9 @@ def train(model: nn.Module, step_loss: Callable[[torch.Tensor], torch.Tensor], n
         if done % settings.eval_every == 0 or done == last_step:
             record(done)
             bar.set_postfix(loss=f"{loss:.4f}", ppl=f"{curve.points[-1]['perplexity']:.1f}")
-        if done % settings.checkpoint_every == 0 or done == last_step:
-            save(done)
+        if checkpoint is not None and (done % settings.checkpoint_every == 0 or done == last_step):
+            save_atomically({"fingerprint": fingerprint, "step": done, "model": trainable_state(model),
+                             "optimizer": optimizer.state_dict(), "curve": curve}, checkpoint)
         bar.update(1)
         last = time.perf_counter()
 
