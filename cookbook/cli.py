@@ -212,6 +212,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return report_errors(lambda: kd_vs_ce(args))
     if args.what == "recovery":
         return report_errors(lambda: recovery(args))
+    if args.what == "embedding":
+        return report_errors(lambda: embedding(args))
 
     def run() -> None:
         changes = train_changes(args)
@@ -246,19 +248,28 @@ def train_changes(args: argparse.Namespace) -> dict:
     return {"steps": 6, "eval_every": 3, "warmup": 2, **changes} if args.quick else changes
 
 
+def quick_settings(settings):
+    """--quick for a run measured on two texts (recovery, embedding): 4 calibration windows and 512 tokens of each
+    text in windows of 256, so the pipeline runs in a minute."""
+    from dataclasses import replace
+
+    from .evaluate import PerplexityProtocol
+
+    short = PerplexityProtocol(seq_len=256, stride=256, max_tokens=512)
+    return replace(settings, calib_samples=4, protocol=short,
+                   second_protocol=replace(short, text=settings.second_protocol.text))
+
+
 def recovery(args: argparse.Namespace) -> None:
     """`train recovery`: Wanda-prune the model, then distil it back toward the dense model with the zeros held."""
     from dataclasses import replace
 
-    from .evaluate import PerplexityProtocol
     from .models import load_model
     from .recovery_training import RecoverySettings, pattern_slug, recovery_command, recovery_train_settings
 
     settings = RecoverySettings(pattern=args.pattern, train=replace(recovery_train_settings(), **train_changes(args)))
     if args.quick:
-        short = PerplexityProtocol(seq_len=256, stride=256, max_tokens=512)
-        settings = replace(settings, calib_samples=4, protocol=short,
-                           second_protocol=replace(short, text=settings.second_protocol.text))
+        settings = quick_settings(settings)
     teacher, tok = load_model(args.model, device="cpu")
     default = REPO_ROOT / ("build" if args.quick else "reports") / f"recovery-{pattern_slug(args.pattern)}-cpu.json"
     out = Path(args.out) if args.out else default
@@ -267,6 +278,28 @@ def recovery(args: argparse.Namespace) -> None:
     ppl = {k: report[f"{k} perplexity"][settings.protocol.text] for k in ("pruned", "recovered", "dense")}
     print(f"Wanda {args.pattern}: perplexity {ppl['pruned']:.2f} pruned -> {ppl['recovered']:.2f} recovered, against "
           f"the dense {ppl['dense']:.2f} ({report['recovered ratio to dense']:.2f}x); report: {out}")
+
+
+def embedding(args: argparse.Namespace) -> None:
+    """`train embedding`: factorize the tied embedding (activation-aware, rank --rank), then train the factors."""
+    from dataclasses import replace
+
+    from .embedding_training import EmbeddingSettings, embedding_command, embedding_train_settings
+    from .models import load_model
+
+    settings = EmbeddingSettings(rank=args.rank, train=replace(embedding_train_settings(), **train_changes(args)))
+    if args.quick:
+        settings = quick_settings(settings)
+    teacher, tok = load_model(args.model, device="cpu")
+    default = REPO_ROOT / ("build" if args.quick else "reports") / f"factorized-embedding-r{args.rank}-cpu.json"
+    out = Path(args.out) if args.out else default
+    report = embedding_command(teacher, tok, model_name(args.model), settings, out, args.fresh,
+                               tag="-quick" if args.quick else "")
+    ppl = {k: report[f"{k} perplexity"][settings.protocol.text]
+           for k in ("dense", "svd", "activation-aware", "fine-tuned")}
+    print(f"embedding rank {args.rank}: perplexity {ppl['svd']:.2f} (SVD) -> {ppl['activation-aware']:.2f} "
+          f"(activation-aware) -> {ppl['fine-tuned']:.2f} (fine-tuned), against the unfactorized "
+          f"{ppl['dense']:.2f} ({report['ratio to dense']['fine-tuned']:.2f}x); report: {out}")
 
 
 def kd_vs_ce(args: argparse.Namespace) -> None:
@@ -289,10 +322,13 @@ def kd_vs_ce(args: argparse.Namespace) -> None:
 def add_train_parser(sub) -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="training runs: 'student' distils a layer-cut student (long, resumable); "
                                       "'recovery' distils a Wanda-pruned model back toward the dense one (resumable); "
+                                      "'embedding' factorizes the tied embedding and trains the factors (resumable); "
                                       "'kd-vs-ce' compares notebook 06's two students over several samples")
-    tr.add_argument("what", choices=["student", "recovery", "kd-vs-ce"], help="what to train")
+    tr.add_argument("what", choices=["student", "recovery", "embedding", "kd-vs-ce"], help="what to train")
     tr.add_argument("--pattern", default="50%",
                     help="recovery: what Wanda prunes, a sparsity ('50%%') or N:M ('2:4')")
+    tr.add_argument("--rank", type=int, default=256,
+                    help="embedding: rank of the factors A (V x rank) and B (rank x H) (default 256)")
     tr.add_argument("--keep", type=int, help="decoder layers the student keeps (default: 12 of 18 for 'student', "
                                              "6 for 'kd-vs-ce')")
     tr.add_argument("--share", type=int, default=1,
@@ -304,14 +340,15 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                                                 "later, as if never stopped); the report holds the curve so far")
     tr.add_argument("--seeds", type=int, help="kd-vs-ce: samples of training windows, seeds 1..N (default 5)")
     tr.add_argument("--steps", type=int,
-                    help="optimizer steps (default 1200; recovery: 240; kd-vs-ce: 10, notebook 06's)")
-    tr.add_argument("--lr", type=float, help="peak learning rate (default 3e-4; recovery: 1e-4)")
-    tr.add_argument("--batch-size", type=int, help="windows of 256 tokens per step (default 4)")
+                    help="optimizer steps (default 1200; recovery: 240; embedding: 200; kd-vs-ce: 10, notebook 06's)")
+    tr.add_argument("--lr", type=float, help="peak learning rate (default 3e-4; recovery and embedding: 1e-4)")
+    tr.add_argument("--batch-size", type=int, help="windows of 256 tokens per step (default 4; embedding: 2)")
     tr.add_argument("--eval-every", type=int,
-                    help="steps between held-out perplexity points (default 50; recovery: 20)")
+                    help="steps between held-out perplexity points (default 50; recovery: 20; embedding: 25)")
     tr.add_argument("--model", help="teacher: model alias, local directory or Hugging Face id (default: Gemma 3 270M)")
     tr.add_argument("--out", help="report path (default: reports/train-student-<keep>-cpu.json, "
-                                  "reports/recovery-<50pct or 2of4>-cpu.json, reports/kd-vs-ce-cpu.json)")
+                                  "reports/recovery-<50pct or 2of4>-cpu.json, reports/factorized-embedding-r<rank>-cpu.json, "
+                                  "reports/kd-vs-ce-cpu.json)")
     tr.add_argument("--fresh", action="store_true", help="ignore the checkpoint of an earlier run and start over")
     tr.add_argument("--quick", action="store_true", help="6 steps on a short protocol, apart from the real run: checks the pipeline")
     tr.set_defaults(func=cmd_train)

@@ -7,9 +7,9 @@ Three from-scratch pieces, each small enough to read in one sitting:
 * The distillation loss: temperature-scaled KL divergence between the teacher's and the student's
   next-token distributions (on the teacher's top-k tokens, cached once), mixed with the usual
   cross-entropy on the real next token.
-* ALBERT-style savings: cross-layer parameter sharing (several layers use one set of weights,
-  one storage; `repeat_layers` runs each trained layer several times) and a factorized (low-rank)
-  embedding that is tied to the output layer (`embedding_spectrum` decomposes it once for every rank).
+* ALBERT-style cross-layer parameter sharing: several layers use one set of weights, one storage;
+  `repeat_layers` runs each trained layer several times. ALBERT's other saving, the factorized embedding, is
+  `factorized_embedding.py`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from torch import nn
 from .core.layout import decoder as _decoder
 from .core.layout import layer_types, renumber, set_layers, subset_config
 from .core.train import adamw_loop
+from .factorized_embedding import FactorizedEmbedding, FactorizedLMHead
 from .models import cache_dir
 
 STUDENT_DIR_NAME = "distilled-student"
@@ -383,137 +383,3 @@ def matmul_flops_per_token(model: nn.Module) -> int:
         elif isinstance(module, (FactorizedEmbedding, FactorizedLMHead)):
             macs += module.macs_per_token()
     return 2 * macs
-
-
-# ---------------------------------------------------------------- ALBERT: factorized embedding
-
-
-@dataclass
-class EmbeddingSpectrum:
-    """An embedding (V, H) in the basis of its right singular vectors, computed once for every rank.
-
-    coords: (V, H) = weight @ basis.T, columns ordered by singular value, largest first; basis: (H, H)
-    right singular vectors as rows; singular_values: (H,). Rank-r factors are slices: coords[:, :r]
-    and basis[:r] (the Eckart-Young optimum, the same as a truncated SVD).
-    """
-
-    coords: torch.Tensor
-    basis: torch.Tensor
-    singular_values: torch.Tensor
-
-    @property
-    def hidden_size(self) -> int:
-        return self.basis.shape[0]
-
-    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (V, r) and B (r, H) with A @ B the best rank-r approximation of the embedding."""
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.hidden_size:
-            raise ValueError(f"rank must be an integer between 1 and the hidden size {self.hidden_size}, got {rank!r}.")
-        return self.coords[:, :rank].contiguous(), self.basis[:rank].contiguous()
-
-    def energy(self, rank: int) -> float:
-        """Share of the embedding's squared Frobenius norm that rank-r factors keep."""
-        power = self.singular_values.double() ** 2
-        return float(power[:rank].sum() / power.sum())
-
-    def relative_error(self, rank: int) -> float:
-        """||W - A @ B||_F / ||W||_F of the rank-r factors: sqrt(1 - energy)."""
-        return math.sqrt(max(1.0 - self.energy(rank), 0.0))
-
-
-def embedding_spectrum(weight: torch.Tensor) -> EmbeddingSpectrum:
-    """Decompose an embedding (V, H) once, so factors of any rank are slices (see `EmbeddingSpectrum`).
-
-    Uses the eigenvectors of the small (H, H) Gram matrix weight^T weight instead of an SVD of the
-    (V, H) matrix: the same singular vectors, far cheaper when V >> H. Costs two (V, H) x (H, H)
-    matmuls and holds a (V, H) float32 copy.
-    """
-    w = weight.detach().float()  # (V, H)
-    gram = (w.T @ w).double()  # (H, H)
-    eigvals, eigvecs = torch.linalg.eigh(gram)  # ascending
-    basis = eigvecs.flip(-1).T.float().contiguous()  # (H, H) rows = right singular vectors, largest first
-    singular_values = eigvals.flip(-1).clamp_min(0).sqrt().float()  # (H,)
-    return EmbeddingSpectrum(w @ basis.T, basis, singular_values)  # coords (V, H)
-
-
-def low_rank_embedding_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-r factors of an embedding (V, H): A (V, r) and B (r, H) with A @ B ~ weight.
-
-    The Eckart-Young optimum, the same result as a truncated SVD (see `embedding_spectrum`; use it
-    directly to try several ranks on one decomposition).
-    """
-    hidden = weight.shape[1]
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= hidden:
-        raise ValueError(f"rank must be an integer between 1 and the hidden size {hidden}, got {rank!r}.")
-    return embedding_spectrum(weight).factors(rank)
-
-
-def factorized_parameter_count(vocab_size: int, hidden_size: int, rank: int) -> int:
-    """Parameters of a rank-r factorized (tied) embedding: V*r + r*H, against V*H unfactorized."""
-    return vocab_size * rank + rank * hidden_size
-
-
-class FactorizedEmbedding(nn.Module):
-    """Token embedding as A[ids] @ B (ALBERT): V*r + r*H parameters instead of V*H."""
-
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0):
-        super().__init__()
-        self.a = nn.Parameter(a)  # (V, r)
-        self.b = nn.Parameter(b)  # (r, H)
-        self.scale = scale  # Gemma multiplies embeddings by sqrt(H)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.a) @ self.b * self.scale  # (b, t, r) @ (r, H) -> (b, t, H)
-
-    def macs_per_token(self) -> int:
-        """Multiply-adds per token: the lookup is free, then one (r) x (r, H) product."""
-        return self.b.numel()
-
-
-class FactorizedLMHead(nn.Module):
-    """The tied output layer of a factorized embedding: logits = (h @ B^T) @ A^T, two thin matmuls."""
-
-    def __init__(self, embedding: FactorizedEmbedding):
-        super().__init__()
-        self.a, self.b = embedding.a, embedding.b  # the same Parameters: tied
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return (hidden @ self.b.T) @ self.a.T  # (b, t, H) -> (b, t, r) -> (b, t, V)
-
-    def macs_per_token(self) -> int:
-        """Multiply-adds per token: H*r then r*V (against H*V for the unfactorized output layer)."""
-        return self.b.numel() + self.a.numel()
-
-
-def factorize_embedding(model: nn.Module, rank: int, spectrum: EmbeddingSpectrum | None = None) -> nn.Module:
-    """Swap the model's tied embedding/output layer for rank-`rank` factors (in place; returns model).
-
-    Pass the `embedding_spectrum` of the model's embedding to try several ranks on one decomposition.
-    The factors take the embedding's dtype and device.
-    """
-    decoder = _decoder(model)
-    old = decoder.embed_tokens
-    if spectrum is None:
-        spectrum = embedding_spectrum(old.weight)
-    elif spectrum.coords.shape != old.weight.shape:
-        raise ValueError(f"The spectrum is of a {tuple(spectrum.coords.shape)} embedding but the model's is "
-                         f"{tuple(old.weight.shape)}: compute it with embedding_spectrum(model's embedding weight).")
-    a, b = spectrum.factors(rank)
-    scale = float(getattr(old, "scalar_embed_scale", 1.0))
-    like = dict(device=old.weight.device, dtype=old.weight.dtype)
-    embedding = FactorizedEmbedding(a.to(**like), b.to(**like), scale)
-    decoder.embed_tokens = embedding
-    model.lm_head = FactorizedLMHead(embedding)
-    return model
-
-
-@contextmanager
-def factorized_embedding(model: nn.Module, rank: int, spectrum: EmbeddingSpectrum | None = None) -> Iterator[nn.Module]:
-    """`with factorized_embedding(model, 64): ...` runs the block on rank-64 factors, then puts the model's
-    own embedding and output layer back (no copy of the rest of the model)."""
-    decoder = _decoder(model)
-    embedding, head = decoder.embed_tokens, model.lm_head
-    try:
-        yield factorize_embedding(model, rank, spectrum)
-    finally:
-        decoder.embed_tokens, model.lm_head = embedding, head

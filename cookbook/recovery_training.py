@@ -29,7 +29,7 @@ from . import distillation as D
 from . import pruning as P
 from .core import decoder_linears
 from .data import calibration_batch, encode, load_text
-from .evaluate import DEFAULT_PROTOCOL, SECOND_PROTOCOL, PerplexityProtocol, perplexity
+from .evaluate import DEFAULT_PROTOCOL, SECOND_PROTOCOL, PerplexityProtocol, perplexities, perplexity
 from .models import cache_dir
 from .student_training import TRAIN_TEXT, final_hidden, hidden_distill_loss
 from .trainer import TrainSettings, text_windows, train
@@ -54,6 +54,11 @@ class RecoverySettings:
     train: TrainSettings = field(default_factory=recovery_train_settings)
     protocol: PerplexityProtocol = DEFAULT_PROTOCOL
     second_protocol: PerplexityProtocol = SECOND_PROTOCOL
+
+    @property
+    def protocols(self) -> tuple[PerplexityProtocol, PerplexityProtocol]:
+        """The trained text's protocol, then the other text's, both measured before and after."""
+        return self.protocol, self.second_protocol
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)
@@ -124,8 +129,7 @@ def recovery_run(teacher: nn.Module, pruned: nn.Module, tokenizer, settings: Rec
     finally:
         for h in handles:
             h.remove()
-    return {"windows": len(windows), "epochs": s.steps * s.batch_size / len(windows), "points": curve.points,
-            "losses": curve.losses, "train seconds": curve.train_seconds}
+    return curve.summary(len(windows), s.batch_size)
 
 
 def pattern_slug(pattern: str) -> str:
@@ -149,9 +153,6 @@ def load_recovered(pattern: str = "50%", device: str | torch.device = "cpu") -> 
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
 
 
-def both_perplexities(model: nn.Module, tokenizer, settings: RecoverySettings) -> dict[str, float]:
-    return {p.text: perplexity(model, tokenizer, p) for p in (settings.protocol, settings.second_protocol)}
-
 
 def recovery_command(teacher: nn.Module, tokenizer, model_name: str, settings: RecoverySettings, out: Path,
                      fresh: bool = False, progress: bool = True, tag: str = "") -> dict:
@@ -160,15 +161,15 @@ def recovery_command(teacher: nn.Module, tokenizer, model_name: str, settings: R
     from .bench import machine_info
 
     began = time.perf_counter()
-    dense = both_perplexities(teacher, tokenizer, settings)
+    dense = perplexities(teacher, tokenizer, settings.protocols)
     pruned = wanda_pruned_copy(teacher, tokenizer, settings)
     zeros_before, sparsity = zero_counts(pruned), P.sparsity_of(pruned)
-    before = both_perplexities(pruned, tokenizer, settings)
+    before = perplexities(pruned, tokenizer, settings.protocols)
     checkpoint = recovery_path(settings.pattern, tag).with_suffix(".ckpt")
     if fresh and checkpoint.exists():
         checkpoint.unlink()
     run = recovery_run(teacher, pruned, tokenizer, settings, checkpoint, progress)
-    after = both_perplexities(pruned, tokenizer, settings)
+    after = perplexities(pruned, tokenizer, settings.protocols)
     if zero_counts(pruned) != zeros_before:
         raise RuntimeError("Training moved pruned weights off zero: the mask hooks did not hold (a bug; please "
                            "report it).")

@@ -159,9 +159,7 @@ def train_student_run(teacher: nn.Module, tokenizer, settings: StudentSettings, 
                                **({"share": settings.share} if settings.share > 1 else {}),
                                **({"relax_rank": settings.relax_rank} if settings.relax_rank else {})},
                   progress, stop_at)
-    steps = curve.points[-1]["step"]
-    return student, {"windows": len(windows), "steps run": steps, "epochs": steps * s.batch_size / len(windows),
-                     "points": curve.points, "losses": curve.losses, "train seconds": curve.train_seconds}
+    return student, curve.summary(len(windows), s.batch_size)
 
 
 def student_path(n_keep: int, tag: str = "", variant: str = "") -> Path:

@@ -85,6 +85,13 @@ class Curve:
     losses: list[float] = field(default_factory=list)
     train_seconds: float = 0.0
 
+    def summary(self, n_windows: int, batch_size: int) -> dict:
+        """The run's record for its report: training windows, steps run, epochs seen, the curve, the losses and
+        the seconds spent training."""
+        steps = self.points[-1]["step"] if self.points else 0
+        return {"windows": n_windows, "steps run": steps, "epochs": steps * batch_size / n_windows,
+                "points": self.points, "losses": self.losses, "train seconds": self.train_seconds}
+
 
 def save_atomically(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename: a run killed mid-write leaves the last checkpoint intact."""

@@ -91,6 +91,8 @@ def test_rows_measure_what_they_claim(rows, tiny):
     factorized = by[f"embedding rank {rank} (SVD, no training)"]
     assert base["bytes held"] - factorized["bytes held"] == 4 * (cfg.vocab_size * cfg.hidden_size
                                                                 - rank * (cfg.vocab_size + cfg.hidden_size))
+    aware = by[f"embedding rank {rank} (activation-aware, no training)"]
+    assert aware["bytes held"] == factorized["bytes held"] and aware["perplexity"] > base["perplexity"]
     # upcycled experts: 4x the MLP weights (+ routers), the same outputs before training
     moe_row = by["upcycled, 4 experts top-2"]
     mlp = 3 * cfg.hidden_size * cfg.intermediate_size * cfg.num_hidden_layers

@@ -1,5 +1,5 @@
 """Unit tests for cookbook.distillation: losses on known tensors, temperature limits, students cut
-from a teacher, shared parameters (one storage), factorized embeddings and the errors users see."""
+from a teacher, shared parameters (one storage) and the errors users see."""
 
 import json
 import math
@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from cookbook import count_parameters
 from cookbook import distillation as D
+from cookbook import factorized_embedding as FE
 from cookbook.models import ByteTokenizer, cache_dir, tiny_model
 
 
@@ -267,31 +268,6 @@ def test_share_groups_are_validated():
         D.consecutive_groups(4, 3)
 
 
-def test_low_rank_factors_match_a_truncated_svd():
-    w = _logits(300, 16, seed=12, scale=1.0)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    for rank in (1, 4, 16):
-        a, b = D.low_rank_embedding_factors(w, rank)
-        assert a.shape == (300, rank) and b.shape == (rank, 16)
-        reference = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
-        assert torch.allclose(a @ b, reference, atol=1e-4)
-    with pytest.raises(ValueError, match="rank"):
-        D.low_rank_embedding_factors(w, 17)
-
-
-def test_full_rank_factorized_embedding_keeps_the_model_and_ties_the_output():
-    model = tiny_model(num_layers=2)
-    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
-        D.factorize_embedding(model, rank=64)
-        after = model(input_ids=ids).logits
-    assert torch.allclose(before, after, atol=1e-3)
-    assert model.lm_head.a is model.model.embed_tokens.a  # tied: one storage
-    small = D.factorize_embedding(tiny_model(num_layers=2), rank=8)
-    assert count_parameters(small) == count_parameters(tiny_model(num_layers=2)) - 512 * 64 + 512 * 8 + 8 * 64
-
-
 def test_repeat_layers_runs_each_layer_twice_on_one_storage():
     model = D.make_student(tiny_model(num_layers=4), [1, 3])
     unique_before = count_parameters(model)
@@ -330,51 +306,8 @@ def test_matmul_flops_count_every_use_of_a_shared_weight():
     assert D.matmul_flops_per_token(model) == 2 * (2 * per_layer + head)
     D.share_layer_parameters(model, [[0, 1]])  # half the unique weights, the same work
     assert D.matmul_flops_per_token(model) == 2 * (2 * per_layer + head)
-    D.factorize_embedding(model, rank=8)  # lookup free, then 8 x 64; head 64 x 8 + 8 x 512
+    FE.factorize_embedding(model, rank=8)  # lookup free, then 8 x 64; head 64 x 8 + 8 x 512
     assert D.matmul_flops_per_token(model) == 2 * (2 * per_layer + 8 * 64 + 64 * 8 + 8 * 512)
-
-
-def test_spectrum_slices_give_every_rank_and_its_error():
-    w = _logits(200, 12, seed=13, scale=1.0)
-    spectrum = D.embedding_spectrum(w)
-    s = torch.linalg.svdvals(w)
-    assert torch.allclose(spectrum.singular_values, s, rtol=1e-4)
-    for rank in (1, 5, 12):
-        a, b = spectrum.factors(rank)
-        error = torch.linalg.norm(w - a @ b) / torch.linalg.norm(w)
-        assert spectrum.relative_error(rank) == pytest.approx(error.item(), abs=1e-4)
-        a1, b1 = D.low_rank_embedding_factors(w, rank)  # the one-rank entry point agrees
-        assert torch.allclose(a @ b, a1 @ b1, atol=1e-4)
-    assert spectrum.energy(12) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="rank"):
-        spectrum.factors(0)
-    assert D.factorized_parameter_count(262_144, 640, 64) == 262_144 * 64 + 64 * 640
-
-
-def test_factorized_embedding_context_restores_the_model():
-    model = tiny_model(num_layers=2)
-    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(8))
-    spectrum = D.embedding_spectrum(model.model.embed_tokens.weight)
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
-        with D.factorized_embedding(model, 4, spectrum) as small:
-            assert count_parameters(small) == count_parameters(tiny_model(num_layers=2)) - 512 * 64 + 512 * 4 + 4 * 64
-            low = small(input_ids=ids).logits
-        after = model(input_ids=ids).logits
-    assert not torch.allclose(low, before, atol=1e-3)
-    assert torch.equal(before, after)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    with pytest.raises(ValueError, match="spectrum"):
-        D.factorize_embedding(tiny_model(vocab_size=256), 4, spectrum)
-
-
-def test_factorized_embedding_takes_the_model_dtype():
-    model = tiny_model(num_layers=2).to(torch.bfloat16)
-    D.factorize_embedding(model, rank=16)
-    assert model.model.embed_tokens.a.dtype == torch.bfloat16
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([[3, 4, 5]])).logits
-    assert logits.shape == (1, 3, 512) and bool(torch.isfinite(logits).all())
 
 
 def test_kd_vs_ce_trains_both_students_per_sample_and_reports_them(tmp_path):

@@ -11,12 +11,14 @@ import torch
 
 from .. import decoding as dec
 from .. import distillation as D
+from .. import factorized_embedding as FE
 from .. import matvec
 from .. import kernels as K
 from .. import lora, moe
 from .. import pruning as P
 from .. import quantization as Q
 from .. import structured_pruning as SP
+from ..embedding_training import head_inputs
 from ..evaluate import perplexity
 from ..measure import count_parameters, cpu_has_native_bf16
 from .rows import (bench_prompt, calibration, compiled_row, dtype_name, fresh_copy, measure_model, result_row,
@@ -216,16 +218,23 @@ def bench_distilled_student(model, tokenizer, device, settings: BenchSettings) -
 
 
 def bench_sharing(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
-    """Notebook 07's factorized embedding: the tied embedding / LM head as rank hidden/2 factors (truncated SVD),
-    without training. Cross-layer sharing is not benched: sharing a trained model's layers without retraining
+    """Notebook 07's factorized embedding: the tied embedding / LM head as rank hidden/2 factors, the truncated SVD's
+    and the activation-aware ones, without training. Cross-layer sharing is not benched: sharing a trained model's layers without retraining
     destroys it (perplexity in the millions), and the retraining notebook 07 does is too long for the bench."""
     if not _has_tied_embedding(model):
         return [result_row("parameter sharing", "factorized embedding", "", notes="not measured: needs a tied embedding")]
     rank = model.config.hidden_size // 2
-    with D.factorized_embedding(model, rank) as work:
-        return [measure_model(work, tokenizer, settings, "parameter sharing", f"embedding rank {rank} (SVD, no training)",
-                              dtype_name(model),
-                              f"V x {rank} + {rank} x H factors instead of V x H; not fine-tuned")]
+    weight, rows = model.get_input_embeddings().weight, []
+    hidden = head_inputs(model, calibration(tokenizer, settings, device))  # (n, H) what the output layer reads
+    for how, spectrum, what in (("SVD", FE.embedding_spectrum(weight), "closest weights"),
+                                ("activation-aware", FE.activation_aware_spectrum(weight, hidden),
+                                 "closest logits on the calibration text's hidden states")):
+        with FE.factorized_embedding(model, rank, spectrum) as work:
+            rows.append(measure_model(work, tokenizer, settings, "parameter sharing",
+                                      f"embedding rank {rank} ({how}, no training)", dtype_name(model),
+                                      f"V x {rank} + {rank} x H factors instead of V x H, {what}; not fine-tuned"))
+        del spectrum
+    return rows
 
 
 def bench_moe(model, tokenizer, device, settings: BenchSettings) -> list[dict]:
