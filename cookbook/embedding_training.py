@@ -25,11 +25,11 @@ from torch import nn
 from . import distillation as D
 from . import factorized_embedding as FE
 from .data import calibration_batch, encode, load_text
-from .evaluate import DEFAULT_PROTOCOL, SECOND_PROTOCOL, PerplexityProtocol, perplexities, perplexity
+from .evaluate import perplexities, perplexity
 from .measure import model_bytes
 from .models import cache_dir
 from .student_training import TRAIN_TEXT, final_hidden
-from .trainer import TrainSettings, text_windows, train
+from .trainer import TrainSettings, TwoTextRunSettings, text_windows, train
 
 REPORT_KIND = "cookbook factorized-embedding fine-tune"
 
@@ -40,30 +40,19 @@ def embedding_train_settings() -> TrainSettings:
     return TrainSettings(steps=200, batch_size=2, lr=1e-4, warmup=10, eval_every=25, checkpoint_every=25)
 
 
-@dataclass(frozen=True)
-class EmbeddingSettings:
+@dataclass(frozen=True, kw_only=True)
+class EmbeddingSettings(TwoTextRunSettings):
     """rank of the factors; the hidden states that weight the factorization come from calib_samples windows of
     calib_seq_len tokens of the training text (seed 0), damped by `damp` (see `activation_aware_spectrum`)."""
 
     rank: int = 256
-    calib_samples: int = 16
-    calib_seq_len: int = 256
     damp: float = 0.01
     train: TrainSettings = field(default_factory=embedding_train_settings)
-    protocol: PerplexityProtocol = DEFAULT_PROTOCOL
-    second_protocol: PerplexityProtocol = SECOND_PROTOCOL
-
-    @property
-    def protocols(self) -> tuple[PerplexityProtocol, PerplexityProtocol]:
-        """The trained text's protocol, then the other text's, both measured before and after."""
-        return self.protocol, self.second_protocol
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be a positive integer (below the model's hidden size), got {self.rank!r}.")
-        if self.calib_samples < 1 or self.calib_seq_len < 2:
-            raise ValueError(f"Need calib_samples >= 1 and calib_seq_len >= 2; got {self.calib_samples}, "
-                             f"{self.calib_seq_len}.")
+        super().__post_init__()
 
 
 @torch.no_grad()

@@ -29,10 +29,10 @@ from . import distillation as D
 from . import pruning as P
 from .core import decoder_linears
 from .data import calibration_batch, encode, load_text
-from .evaluate import DEFAULT_PROTOCOL, SECOND_PROTOCOL, PerplexityProtocol, perplexities, perplexity
+from .evaluate import perplexities, perplexity
 from .models import cache_dir
 from .student_training import TRAIN_TEXT, final_hidden, hidden_distill_loss
-from .trainer import TrainSettings, text_windows, train
+from .trainer import TrainSettings, TwoTextRunSettings, text_windows, train
 
 REPORT_KIND = "cookbook pruning recovery run"
 
@@ -43,8 +43,8 @@ def recovery_train_settings() -> TrainSettings:
     return TrainSettings(steps=240, lr=1e-4, warmup=20, eval_every=20, checkpoint_every=20)
 
 
-@dataclass(frozen=True)
-class RecoverySettings:
+@dataclass(frozen=True, kw_only=True)
+class RecoverySettings(TwoTextRunSettings):
     """pattern: "50%" (any sparsity in %, unstructured, per output row) or "N:M"; Wanda's input norms come from
     calib_samples windows of calib_seq_len tokens of the training text (seed 0, as notebook 05)."""
 
@@ -52,19 +52,10 @@ class RecoverySettings:
     calib_samples: int = 32
     calib_seq_len: int = 128
     train: TrainSettings = field(default_factory=recovery_train_settings)
-    protocol: PerplexityProtocol = DEFAULT_PROTOCOL
-    second_protocol: PerplexityProtocol = SECOND_PROTOCOL
-
-    @property
-    def protocols(self) -> tuple[PerplexityProtocol, PerplexityProtocol]:
-        """The trained text's protocol, then the other text's, both measured before and after."""
-        return self.protocol, self.second_protocol
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)
-        if self.calib_samples < 1 or self.calib_seq_len < 2:
-            raise ValueError(f"Need calib_samples >= 1 and calib_seq_len >= 2; got {self.calib_samples}, "
-                             f"{self.calib_seq_len}.")
+        super().__post_init__()
 
 
 def parse_pattern(pattern: str) -> tuple[float | None, tuple[int, int] | None]:

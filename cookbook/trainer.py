@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .core.train import adamw_loop
+from .evaluate import DEFAULT_PROTOCOL, SECOND_PROTOCOL, PerplexityProtocol
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,29 @@ class TrainSettings:
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.clip > 0):
             raise ValueError(f"Need lr > 0, 0 <= min_lr_ratio <= 1 and clip > 0; got lr={self.lr}, "
                              f"min_lr_ratio={self.min_lr_ratio}, clip={self.clip}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TwoTextRunSettings:
+    """A run that calibrates on calib_samples windows of calib_seq_len tokens of its training text (seed 0), trains
+    with `train`, and is measured before and after on `protocol` (text like its training text) and on
+    `second_protocol` (another kind of text)."""
+
+    calib_samples: int = 16
+    calib_seq_len: int = 256
+    train: TrainSettings = field(default_factory=TrainSettings)
+    protocol: PerplexityProtocol = DEFAULT_PROTOCOL
+    second_protocol: PerplexityProtocol = SECOND_PROTOCOL
+
+    @property
+    def protocols(self) -> tuple[PerplexityProtocol, PerplexityProtocol]:
+        """The trained text's protocol, then the other text's, both measured before and after."""
+        return self.protocol, self.second_protocol
+
+    def __post_init__(self) -> None:
+        if self.calib_samples < 1 or self.calib_seq_len < 2:
+            raise ValueError(f"Need calib_samples >= 1 and calib_seq_len >= 2; got {self.calib_samples}, "
+                             f"{self.calib_seq_len}.")
 
 
 def lr_at(step: int, s: TrainSettings) -> float:
