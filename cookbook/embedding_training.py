@@ -114,7 +114,6 @@ def load_fine_tuned(teacher: nn.Module, rank: int = 256) -> nn.Module | None:
     return FE.set_factors(model, state["a"], state["b"]).eval()
 
 
-
 def embedding_command(teacher: nn.Module, tokenizer, model_name: str, settings: EmbeddingSettings, out: Path,
                       fresh: bool = False, progress: bool = True, tag: str = "") -> dict:
     """The whole run: measure the teacher and the SVD factors, factorize activation-aware, train the factors

@@ -144,7 +144,6 @@ def load_recovered(pattern: str = "50%", device: str | torch.device = "cpu") -> 
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
 
 
-
 def recovery_command(teacher: nn.Module, tokenizer, model_name: str, settings: RecoverySettings, out: Path,
                      fresh: bool = False, progress: bool = True, tag: str = "") -> dict:
     """The whole run: prune, measure, train (resumed if a checkpoint of this run exists), measure again on both
