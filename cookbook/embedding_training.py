@@ -24,12 +24,12 @@ from torch import nn
 
 from . import distillation as D
 from . import factorized_embedding as FE
-from .data import calibration_batch, encode, load_text
-from .evaluate import perplexities, perplexity
+from .data import calibration_batch
+from .evaluate import perplexities
 from .measure import model_bytes
 from .models import cache_dir
-from .student_training import TRAIN_TEXT, final_hidden
-from .trainer import TrainSettings, TwoTextRunSettings, text_windows, train
+from .student_training import distil_run, final_hidden
+from .trainer import TrainSettings, TwoTextRunSettings
 
 REPORT_KIND = "cookbook factorized-embedding fine-tune"
 
@@ -75,24 +75,20 @@ def activation_aware_factorized(teacher: nn.Module, tokenizer, settings: Embeddi
     return model
 
 
+def logit_match(teacher: nn.Module, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """KL divergence (temperature 1) from the teacher's full next-token distribution on ids (b, t) to the model's."""
+    with torch.no_grad():
+        target = teacher(input_ids=ids).logits  # (b, t, V)
+    return D.kd_kl_loss(model(input_ids=ids).logits, target)
+
+
 def embedding_run(teacher: nn.Module, model: nn.Module, tokenizer, settings: EmbeddingSettings,
                   checkpoint: Path | None = None, progress: bool = True) -> dict:
     """Distil the teacher's next-token distributions into the factors; returns the curve."""
-    teacher.requires_grad_(False)
-    s = settings.train
-    windows = text_windows(encode(tokenizer, load_text(TRAIN_TEXT)), s.seq_len, tokenizer.bos_token_id)
-
-    def step_loss(rows: torch.Tensor) -> torch.Tensor:
-        ids = windows[rows].to(model.device)  # (b, seq_len)
-        with torch.no_grad():
-            target = teacher(input_ids=ids).logits  # (b, seq_len, V)
-        return D.kd_kl_loss(model(input_ids=ids).logits, target)
-
-    curve = train(model, step_loss, len(windows), s, lambda: perplexity(model, tokenizer, settings.protocol),
-                  checkpoint, {"what": "factorized embedding", "rank": settings.rank, "damp": settings.damp,
-                               "calib": [settings.calib_samples, settings.calib_seq_len],
-                               "protocol": asdict(settings.protocol)}, progress)
-    return curve.summary(len(windows), s.batch_size)
+    return distil_run(teacher, model, tokenizer, settings.train, settings.protocol, logit_match, checkpoint,
+                      {"what": "factorized embedding", "rank": settings.rank, "damp": settings.damp,
+                       "calib": [settings.calib_samples, settings.calib_seq_len],
+                       "protocol": asdict(settings.protocol)}, progress)
 
 
 def factors_path(rank: int, tag: str = "") -> Path:

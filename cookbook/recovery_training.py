@@ -28,11 +28,11 @@ from torch import nn
 from . import distillation as D
 from . import pruning as P
 from .core import decoder_linears
-from .data import calibration_batch, encode, load_text
-from .evaluate import perplexities, perplexity
+from .data import calibration_batch
+from .evaluate import perplexities
 from .models import cache_dir
-from .student_training import TRAIN_TEXT, final_hidden, hidden_distill_loss
-from .trainer import TrainSettings, TwoTextRunSettings, text_windows, train
+from .student_training import distil_run, hidden_state_match
+from .trainer import TrainSettings, TwoTextRunSettings
 
 REPORT_KIND = "cookbook pruning recovery run"
 
@@ -101,26 +101,15 @@ def zero_counts(model: nn.Module) -> dict[str, int]:
 def recovery_run(teacher: nn.Module, pruned: nn.Module, tokenizer, settings: RecoverySettings,
                  checkpoint: Path | None = None, progress: bool = True) -> dict:
     """Distil the dense teacher's final hidden states into the pruned copy, zeros held; returns its curve."""
-    teacher.requires_grad_(False)
-    s = settings.train
-    windows = text_windows(encode(tokenizer, load_text(TRAIN_TEXT)), s.seq_len, tokenizer.bos_token_id)
-
-    def step_loss(rows: torch.Tensor) -> torch.Tensor:
-        ids = windows[rows].to(pruned.device)  # (b, seq_len)
-        with torch.no_grad():
-            target = final_hidden(teacher, ids)  # (b, seq_len, d)
-        return hidden_distill_loss(final_hidden(pruned, ids), target)
-
     handles = hold_zeros(pruned)
     try:
-        curve = train(pruned, step_loss, len(windows), s, lambda: perplexity(pruned, tokenizer, settings.protocol),
-                      checkpoint, {"what": "recovery", "pattern": settings.pattern,
-                                   "calib": [settings.calib_samples, settings.calib_seq_len],
-                                   "protocol": asdict(settings.protocol)}, progress)
+        return distil_run(teacher, pruned, tokenizer, settings.train, settings.protocol, hidden_state_match,
+                          checkpoint, {"what": "recovery", "pattern": settings.pattern,
+                           "calib": [settings.calib_samples, settings.calib_seq_len],
+                           "protocol": asdict(settings.protocol)}, progress)
     finally:
         for h in handles:
             h.remove()
-    return curve.summary(len(windows), s.batch_size)
 
 
 def pattern_slug(pattern: str) -> str:

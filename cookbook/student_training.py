@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,27 @@ def hidden_distill_loss(student_h: torch.Tensor, teacher_h: torch.Tensor) -> tor
     return F.mse_loss(student_h.float(), teacher_h) / teacher_h.pow(2).mean()
 
 
+def hidden_state_match(teacher: nn.Module, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """`hidden_distill_loss` of the model's final hidden states against the teacher's on ids (b, t): no output layer
+    in either, so the 262k-way head costs nothing."""
+    with torch.no_grad():
+        target = final_hidden(teacher, ids)  # (b, t, d)
+    return hidden_distill_loss(final_hidden(model, ids), target)
+
+
+def distil_run(teacher: nn.Module, model: nn.Module, tokenizer, s: TrainSettings, protocol: PerplexityProtocol,
+               match: Callable[[nn.Module, nn.Module, torch.Tensor], torch.Tensor], checkpoint: Path | None,
+               fingerprint: dict, progress: bool = True, stop_at: int | None = None) -> dict:
+    """`trainer.train` of `model` toward the frozen teacher on the training text's windows: each step's loss is
+    match(teacher, model, ids), the held-out curve is perplexity on `protocol`; returns the run's summary. The
+    student, recovery and embedding runs differ only in `match` and in what they let train."""
+    teacher.requires_grad_(False)
+    windows = text_windows(encode(tokenizer, load_text(TRAIN_TEXT)), s.seq_len, tokenizer.bos_token_id)
+    curve = train(model, lambda rows: match(teacher, model, windows[rows].to(model.device)), len(windows), s,
+                  lambda: perplexity(model, tokenizer, protocol), checkpoint, fingerprint, progress, stop_at)
+    return curve.summary(len(windows), s.batch_size)
+
+
 @torch.no_grad()
 def shared_student(teacher: nn.Module, keep: list[int], share: int, importance: list[float]) -> nn.Module:
     """The student of layers `keep` whose consecutive groups of `share` kept layers run on one set of weights:
@@ -143,23 +165,15 @@ def train_student_run(teacher: nn.Module, tokenizer, settings: StudentSettings, 
                       importance: list[float] | None = None) -> tuple[nn.Module, dict]:
     """Train the student of layers `keep` on hidden-state distillation (until step `stop_at` of the schedule, if
     given); returns it and its curve (a dict)."""
-    teacher.requires_grad_(False)
-    s = settings.train
-    windows = text_windows(encode(tokenizer, load_text(TRAIN_TEXT)), s.seq_len, tokenizer.bos_token_id)
+    teacher.requires_grad_(False)  # before copying: the student's layers start as frozen copies (shared_student
+    # writes into them in place), and trainable_student then picks what trains
     student = trainable_student(teacher, keep, settings.share, importance, settings.relax_rank)
-
-    def step_loss(rows: torch.Tensor) -> torch.Tensor:
-        ids = windows[rows].to(student.device)  # (b, seq_len)
-        with torch.no_grad():
-            target = final_hidden(teacher, ids)  # (b, seq_len, d)
-        return hidden_distill_loss(final_hidden(student, ids), target)
-
-    curve = train(student, step_loss, len(windows), s, lambda: perplexity(student, tokenizer, settings.protocol),
-                  checkpoint, {"keep": keep, "protocol": asdict(settings.protocol),
-                               **({"share": settings.share} if settings.share > 1 else {}),
-                               **({"relax_rank": settings.relax_rank} if settings.relax_rank else {})},
-                  progress, stop_at)
-    return student, curve.summary(len(windows), s.batch_size)
+    run = distil_run(teacher, student, tokenizer, settings.train, settings.protocol, hidden_state_match, checkpoint,
+                     {"keep": keep, "protocol": asdict(settings.protocol),
+                      **({"share": settings.share} if settings.share > 1 else {}),
+                      **({"relax_rank": settings.relax_rank} if settings.relax_rank else {})},
+                     progress, stop_at)
+    return student, run
 
 
 def student_path(n_keep: int, tag: str = "", variant: str = "") -> Path:
