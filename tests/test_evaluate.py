@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from cookbook import encode, load_text
-from cookbook.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, nll_sum, perplexity, relative_change
+from cookbook.data import with_bos
+from cookbook.evaluate import (DEFAULT_PROTOCOL, PerplexityProtocol, fusable_head, fused_head_nll, nll_sum, perplexity,
+                               relative_change, window_nll, window_nll_reference)
 
 
 class UniformModel(torch.nn.Module):
@@ -72,3 +74,60 @@ def test_real_model_perplexity_is_sane(real_model):
 
 def test_relative_change():
     assert relative_change(101.0, 100.0) == pytest.approx(0.01)
+
+
+def float64_nll(hidden, weight, bias, targets):
+    z = torch.nn.functional.linear(hidden.double(), weight.double(), None if bias is None else bias.double())
+    keep = targets != -100
+    return (torch.logsumexp(z[keep], -1) - z[keep, targets[keep]]).sum().item()
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_head_nll_matches_a_float64_cross_entropy(chunk, with_bias):
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(20, 16), torch.randn(203, 16)  # 203 rows: the last block is partial
+    bias = torch.randn(203) if with_bias else None
+    targets = torch.randint(0, 203, (20,))
+    targets[:5] = -100  # context only
+    got = fused_head_nll(hidden, weight, bias, targets, chunk=chunk)
+    assert got == pytest.approx(float64_nll(hidden, weight, bias, targets), rel=1e-5)
+
+
+def test_fused_head_nll_stays_non_finite():
+    hidden = torch.full((3, 4), float("nan"))
+    assert math.isnan(fused_head_nll(hidden, torch.randn(10, 4), None, torch.tensor([1, 2, 3])))
+
+
+def test_fused_window_matches_the_reference_on_the_real_model(real_model):
+    model, tok = real_model
+    ids = encode(tok, load_text("shakespeare_eval"), 64)[None]  # (1, 64)
+    targets = ids.clone()
+    targets[:, :10] = -100
+    inputs = with_bos(tok, ids)[:, :-1]
+    assert fusable_head(model) is model.lm_head
+    with torch.no_grad():
+        fused, reference = window_nll(model, inputs, targets), window_nll_reference(model, inputs, targets)
+    assert fused == pytest.approx(reference, rel=1e-5)
+
+
+def test_heads_the_fused_path_cannot_take_use_the_reference(real_model):
+    model, _ = real_model
+    handle = model.lm_head.register_forward_hook(lambda *args: None)  # e.g. an activation capture
+    try:
+        assert fusable_head(model) is None
+    finally:
+        handle.remove()
+    assert fusable_head(UniformModel(10)) is None
+    original = model.lm_head
+    model.lm_head = torch.nn.Sequential(original)  # e.g. a quantized or factorized head
+    try:
+        assert fusable_head(model) is None
+    finally:
+        model.lm_head = original
+    assert fusable_head(model) is original
+
+
+def test_fused_head_nll_rejects_ids_outside_the_vocabulary():
+    with pytest.raises(ValueError, match="vocabulary"):
+        fused_head_nll(torch.randn(2, 4), torch.randn(10, 4), None, torch.tensor([3, 10]))
