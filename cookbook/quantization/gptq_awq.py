@@ -322,7 +322,8 @@ def gptq_options(model: nn.Module, calib_ids: torch.Tensor, wanted: Mapping[str,
         names = [n for n in LINEAR_NAMES if linear_key(i, n) in wanted]
         if names:
             hessians = shared_hessians(collect_linear_inputs(layer, hidden, kwargs[i]))
-            plans = {id(h): sweep_plan(h, gptq_order) for h in hessians.values()}
+            distinct = {id(h): h for h in hessians.values()}  # q/k/v and gate/up share theirs
+            plans = {key: sweep_plan(h, gptq_order) for key, h in distinct.items()}  # one factorisation each
             for name in names:
                 h, w, key = hessians[name], layer.get_submodule(name).weight, linear_key(i, name)
                 order, factor = plans[id(h)]
