@@ -56,3 +56,25 @@ def test_tiny_model_runs():
     model = tiny_model()
     logits = model(torch.randint(0, 512, (2, 10))).logits
     assert logits.shape == (2, 10, 512)
+
+
+def test_cached_tokenizer_repeats_from_pretrained_and_recovers_from_a_bad_pickle(real_model, tmp_path):
+    import shutil
+
+    import transformers
+
+    from cookbook.models import cached_tokenizer, default_model_path
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_path() / name, tmp_path / name)
+    text = "ROMEO: But soft, what light through yonder window breaks?\ndef f(x):\n    return x ** 2"
+    expected = transformers.AutoTokenizer.from_pretrained(tmp_path)(text).input_ids
+    first = cached_tokenizer(tmp_path)  # builds it and leaves the pickle
+    pickles = list(tmp_path.glob("tokenizer-*.pkl"))
+    assert len(pickles) == 1
+    second = cached_tokenizer(tmp_path)  # from the pickle
+    assert first(text).input_ids == second(text).input_ids == expected
+    assert second.bos_token_id == real_model[1].bos_token_id
+    pickles[0].write_bytes(b"not a pickle")  # e.g. a write cut short
+    assert cached_tokenizer(tmp_path)(text).input_ids == expected
+    assert list(tmp_path.glob("tokenizer-*.pkl")) == pickles and not list(tmp_path.glob("*.tmp"))
