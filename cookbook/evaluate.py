@@ -56,14 +56,15 @@ def fused_head_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     the head runs over `chunk` vocabulary rows at a time and an online logsumexp folds each block of scores in,
     so the (t, V) logits (512 MiB for a 512-token window of Gemma's 262,144-token vocabulary) never exist.
     Each block stays in cache. A 512-token window of Gemma 3 270M took 4.6 s against 5.7 s on one thread of a
-    2-core AMD EPYC (Zen 4), and 2.2 s against 2.5 s on both (2026-12-07, means of 4 runs, interleaved). The result is
-    the same up to float rounding, and closer to a float64 evaluation than float32 cross-entropy over the whole
-    vocabulary (the fused linear cross-entropy of training kernels, applied to evaluation)."""
+    2-core AMD EPYC (Zen 4), and 2.2 s against 2.5 s on both (2026-12-07, means of 4 runs, interleaved). The
+    result is the same up to float rounding, and closer to a float64 evaluation than float32 cross-entropy over
+    the whole vocabulary (the fused linear cross-entropy of training kernels, applied to evaluation)."""
     keep = targets != -100  # (t,)
     h, y = hidden[keep], targets[keep]  # (n, d), (n,) only the scored positions
     if len(y) and not 0 <= int(y.min()) <= int(y.max()) < weight.shape[0]:
         raise ValueError(f"Target ids must lie in [0, {weight.shape[0]}) (the head's vocabulary) or be -100 "
-                         f"(not scored); got {int(y.min())}..{int(y.max())}. Was the text encoded by another tokenizer?")
+                         f"(not scored); got {int(y.min())}..{int(y.max())}. Was the text encoded by another "
+                         "tokenizer?")
     lse = h.new_full((len(y),), float("-inf"), dtype=torch.float32)  # (n,) log-sum-exp of the blocks so far
     picked = h.new_empty(len(y), dtype=torch.float32)  # (n,) the target token's logit
     for v0 in range(0, weight.shape[0], chunk):

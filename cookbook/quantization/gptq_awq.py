@@ -132,6 +132,13 @@ def sweep_plan(h: torch.Tensor, gptq_order: str = "act") -> tuple[torch.Tensor |
     return order, ordered_factor(h, order)
 
 
+def sweep_plans(hessians: Mapping[str, torch.Tensor], gptq_order: str = "act") -> dict[int, tuple]:
+    """`sweep_plan` of each distinct Hessian of `shared_hessians`' result, keyed by id(h): q/k/v and gate/up share
+    one, so a decoder layer needs 4 factorisations, not 7."""
+    distinct = {id(h): h for h in hessians.values()}
+    return {key: sweep_plan(h, gptq_order) for key, h in distinct.items()}
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = None,
                   symmetric: bool = False, block_size: int = 128, damp: float = 0.01,
                   factor: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -271,8 +278,7 @@ def quantize_model_layerwise(model: nn.Module, calib_ids: torch.Tensor, method: 
             xs = collect_linear_inputs(layer, hidden, kwargs[i], max_rows=awq_rows if method == "awq" else None)
             new = {}
             hessians = shared_hessians(xs) if method == "gptq" else {}
-            distinct = {id(h): h for h in hessians.values()}  # q/k/v and gate/up share theirs
-            plans = {key: sweep_plan(h, gptq_order) for key, h in distinct.items()}  # one per distinct Hessian
+            plans = sweep_plans(hessians, gptq_order)
             for name, x in xs.items():
                 linear = layer.get_submodule(name)
                 if method == "gptq":
@@ -322,8 +328,7 @@ def gptq_options(model: nn.Module, calib_ids: torch.Tensor, wanted: Mapping[str,
         names = [n for n in LINEAR_NAMES if linear_key(i, n) in wanted]
         if names:
             hessians = shared_hessians(collect_linear_inputs(layer, hidden, kwargs[i]))
-            distinct = {id(h): h for h in hessians.values()}  # q/k/v and gate/up share theirs
-            plans = {key: sweep_plan(h, gptq_order) for key, h in distinct.items()}  # one factorisation each
+            plans = sweep_plans(hessians, gptq_order)
             for name in names:
                 h, w, key = hessians[name], layer.get_submodule(name).weight, linear_key(i, name)
                 order, factor = plans[id(h)]
