@@ -108,7 +108,12 @@ def test_fused_window_matches_the_reference_on_the_real_model(real_model):
     assert fusable_head(model) is model.lm_head
     with torch.no_grad():
         fused, reference = window_nll(model, inputs, targets), window_nll_reference(model, inputs, targets)
-    assert fused == pytest.approx(reference, rel=1e-5)
+        hidden = model.model(input_ids=inputs, use_cache=False).last_hidden_state[0]  # (64, d)
+    exact = float64_nll(hidden, model.lm_head.weight, None, targets[0])
+    # float32 cross-entropy over 262,144 logits is itself off by ~1e-5 (1.4e-5 under ATEN_CPU_CAPABILITY=default):
+    # the fused sum is held to float64 more tightly than the reference it replaces
+    assert fused == pytest.approx(exact, rel=1e-5)
+    assert reference == pytest.approx(exact, rel=1e-4)
 
 
 def test_heads_the_fused_path_cannot_take_use_the_reference(real_model):
