@@ -11,7 +11,7 @@ to PyTorch's packed matmuls, which dequantize inside the kernel, tile by tile, i
 
 For decode steps (up to `matvec.MAX_ROWS` rows) both formats run our own kernels instead (`cookbook.matvec`,
 compiled for this CPU on first use, reading the same buffers), wherever they build (`matvec.status()` says which
-ran): the int8 one reads the codes about twice as fast as PyTorch's on our CPUs; the int4 one is about 10% faster
+ran): the int8 one reads the codes about twice as fast as PyTorch's on our CPUs; the int4 one is about 20% faster
 than PyTorch's vector kernel and does not depend on torch's build (see below). Both take float32 activations.
 
 PyTorch's kernels are fast with bfloat16 activations and fall back to slow scalar code with float32 ones, so the
