@@ -13,6 +13,7 @@ For decode steps (up to `matvec.MAX_ROWS` rows) both formats run our own kernels
 compiled for this CPU on first use, reading the same buffers), wherever they build (`matvec.status()` says which
 ran): the int8 one reads the codes about twice as fast as PyTorch's on our CPUs; the int4 one is about 20% faster
 than PyTorch's vector kernel and does not depend on torch's build (see below). Both take float32 activations.
+The packed heads, read whole for every token, hold their codes in 2 MiB pages (`cookbook.hugepages`).
 
 PyTorch's kernels are fast with bfloat16 activations and fall back to slow scalar code with float32 ones, so the
 activation is cast to bf16 around their call only; the rest of the model keeps its dtype. PyTorch has no kernel
@@ -37,7 +38,7 @@ import functools
 import torch
 from torch import nn
 
-from . import matvec
+from . import hugepages, matvec
 from .measure import cpu_has_native_bf16, cpu_vector_kernels
 from .nf4_kernel import PackedNF4Linear, pack_nf4_linears  # noqa: F401 (PackedNF4Linear: K's packed modules)
 from .quantization import (HeadView, Int8TiedEmbedding, NF4Linear, QuantizedWeight, QuantLinear,
@@ -231,6 +232,7 @@ class PackedInt8Head(nn.Module):
         super().__init__()
         if not packed_support()["int8"]:
             raise ValueError(f"this torch ({torch.__version__}) has no aten._weight_int8pack_mm; upgrade torch.")
+        table.codes = hugepages.in_huge_pages(table.codes)  # the same codes in 2 MiB pages: read faster per token
         self.table = table  # shared with the embedding lookup: the codes are stored once
         self.register_buffer("kernel_scale", table.scale.flatten().to(KERNEL_DTYPE))  # (V,) in the kernel dtype
         self.ours = matvec.available()  # fixed here: a compiled forward sees a constant
@@ -398,8 +400,10 @@ class PackedInt4TiedTable(nn.Module):
             qw = quantize_weight(weight[i:i + chunk].detach(), 4, group_size, symmetric=False)
             packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.codes.to(torch.int32), 1))
             scales.append(int4_scales_and_zeros(qw))  # (d // g, chunk, 2)
-        self.register_buffer("packed", torch.cat(packed))  # (V, d / 2) uint8
-        self.register_buffer("scales_and_zeros", torch.cat(scales, dim=1).to(KERNEL_DTYPE))  # (d // g, V, 2)
+        # both read whole for every token, so held in 2 MiB pages (cookbook.hugepages)
+        self.register_buffer("packed", hugepages.in_huge_pages(torch.cat(packed)))  # (V, d / 2) uint8
+        self.register_buffer("scales_and_zeros", hugepages.in_huge_pages(
+            torch.cat(scales, dim=1).to(KERNEL_DTYPE)))  # (d // g, V, 2)
         self.embed_scale, self.group_size, self.in_features = float(embed_scale), group_size, d
         self.layout = int4_layout()  # found once here, so a compiled forward never runs the probe
         self.ours = matvec.int4_reads(self.layout)  # fixed here: a compiled forward sees a constant
