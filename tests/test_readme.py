@@ -5,6 +5,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
 from cookbook.bench import load_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +43,30 @@ def test_readme_states_each_linked_reports_date_and_run_time():
         report = load_report(ROOT / f"{name}.json")
         stated = f"on {report.date} in {report.wall_s / 60:.1f} minutes"
         assert stated in readme, f"README should say the run of {name}.md was {stated}"
+
+
+def notebook_times():
+    spec = importlib.util.spec_from_file_location("notebook_times", ROOT / "scripts" / "notebook_times.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_runs_in_column_is_written_from_a_test_log():
+    """Every notebook row of the README has a "runs in" time, and `scripts/notebook_times.py` fills that column from
+    a `pytest --durations=0` log: the sum of each notebook's cell durations, in minutes."""
+    nt = notebook_times()
+    readme = (ROOT / "README.md").read_text()
+    names = [name for _, name, _, _ in nt.ROW.findall(readme)]
+    assert len(names) == len(list((ROOT / "notebooks").glob("*.ipynb"))), "one timed row per notebook"
+    log = "\n".join(f"{s:.2f}s {kind}     notebooks/{name}.ipynb::Cell {i}"
+                    for name in names for i, (s, kind) in enumerate([(30.0, "call"), (29.0, "call"), (1.0, "setup")]))
+    log += "\n12.00s call     tests/test_models.py::test_something\n"
+    minutes = nt.notebook_minutes(log)
+    assert minutes == {name: 1.0 for name in names}
+    written = nt.with_times(readme, minutes)
+    assert [t for *_, t, _ in nt.ROW.findall(written)] == ["1.0 min"] * len(names)
+    with pytest.raises(ValueError, match="durations=0"):
+        nt.notebook_minutes("3.00s call     tests/test_models.py::test_something")
+    with pytest.raises(ValueError, match=names[0]):
+        nt.with_times(readme, {name: 1.0 for name in names[1:]})
