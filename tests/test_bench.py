@@ -179,6 +179,20 @@ def test_share_of_the_roofline_uses_the_measured_bandwidth_and_skips_aggregates(
     assert bench.finish_rows([bench.result_row("x", "y", "f", decode=5.0)], settings)[0]["% roofline"] is None
 
 
+def test_each_technique_takes_the_bandwidth_read_beside_it(tiny):
+    """run_bench reads the bandwidth before and after each technique; its rows keep the better reading, and their
+    share of the roofline is taken against it, not against one reading for the whole run."""
+    model, tok = tiny
+    settings = bench.make_settings(torch.device("cpu"), compile=False, **TINY)
+    readings = iter([2e9, 5e9, 4e9, 1e9])  # baseline: before, after; precision: before, after
+    rows = bench.run_bench(model, tok, torch.device("cpu"), settings, ["precision"], log=None,
+                           read_bandwidth=lambda: next(readings))
+    assert [r["bandwidth"] for r in rows] == [5e9] + [4e9] * (len(rows) - 1)
+    for r in rows:
+        if r["decode tok/s"] is not None:
+            assert r["% roofline"] == pytest.approx(100 * r["decode tok/s"] * r["bytes/token"] / r["bandwidth"])
+
+
 def test_unseparated_decode_is_none_with_a_note_not_a_made_up_speed(tiny, monkeypatch):
     model, tok = tiny
     # what a loaded machine can time: the whole generate no slower than its one-token run

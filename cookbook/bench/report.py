@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -124,7 +125,9 @@ class BenchReport:
             "- Bytes held: parameters + persistent buffers (packed codes and scales count), tied weights once. "
             "Bytes/token: what one decode step reads (`measure.decode_bytes_per_token`: bytes held less an untied "
             "input embedding, of which a lookup reads one row). % roofline: decode tok/s over the memory-bound "
-            "ceiling, measured bandwidth / bytes per token (one-stream rows only; serving rows are aggregates).",
+            "ceiling, measured bandwidth / bytes per token (one-stream rows only; serving rows are aggregates); "
+            "the bandwidth is read before and after each technique, and its rows take the better of the two "
+            "(the row's \"bandwidth\" in the JSON).",
             "", "## Energy and cost assumptions", "",
             f"{self.assumptions}",
             f"tokens/J = decode tokens/s / {s['watts']:g} W; $/M tokens = ${s['usd_per_hour']:g}/hour / "
@@ -197,17 +200,21 @@ def bench_command(model_name: str | None, device: str | None, quick: bool, out_d
     set_seed(0)
     start = time.perf_counter()
     model, tok = load_model(model_name, device=dev)
-    at_start = memory_bandwidth(device=dev)
-    rows = run_bench(model, tok, dev, settings, names, log=lambda m: print(m, file=sys.stderr, flush=True))
-    # the ceiling is the better of two measurements, at the start and at the end: one timed while the host was
-    # busy would inflate every share (on a shared 2-core VM one copy at a run's start gave 25 GB/s, 42-53 in others)
-    at_end = memory_bandwidth(device=dev)
-    bandwidth = max(at_start, at_end)
-    rows = finish_rows(rows, settings, bandwidth)
+    readings = []  # bytes/s, read before and after each technique: each row's roofline takes its technique's
+
+    def read_bandwidth() -> float:
+        readings.append(memory_bandwidth(device=dev))
+        return readings[-1]
+
+    rows = run_bench(model, tok, dev, settings, names, log=lambda m: print(m, file=sys.stderr, flush=True),
+                     read_bandwidth=read_bandwidth)
+    rows = finish_rows(rows, settings)
     method = BANDWIDTH_METHOD.get(dev.type, "device copy")  # how measure.memory_bandwidth measured the ceiling
+    gb = [r / 1e9 for r in readings]
     machine = machine_info(dev) | {
-        f"memory bandwidth, measured ({method}), GB/s": round(bandwidth / 1e9, 1),
-        "memory bandwidth at the start / end of the run, GB/s": f"{at_start / 1e9:.1f} / {at_end / 1e9:.1f}"}
+        f"memory bandwidth, measured ({method}), GB/s": f"{min(gb):.1f} to {max(gb):.1f}, median "
+                                                          f"{statistics.median(gb):.1f}, over {len(gb)} readings",
+        "memory bandwidth at the start / end of the run, GB/s": f"{readings[0] / 1e9:.1f} / {readings[-1] / 1e9:.1f}"}
     report = BenchReport(rows, resolve_name(model_name), machine, settings.describe(), settings.assumptions,
                          time.perf_counter() - start, techniques=names)
     paths = report.write(out_dir, name or report_name(dev))
