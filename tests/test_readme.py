@@ -12,8 +12,9 @@ from cookbook.bench import load_report
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_results():
-    spec = importlib.util.spec_from_file_location("readme_results", ROOT / "scripts" / "readme_results.py")
+def script(name: str):
+    """scripts/<name>.py imported as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -24,7 +25,7 @@ def test_readme_table_is_its_report():
     named = re.search(r"`python scripts/readme_results\.py (\S+)`", readme)
     assert named, "the README names the report its results table was copied from"
     report_path = ROOT / named.group(1)
-    table = readme_results().table(str(report_path))
+    table = script("readme_results").table(str(report_path))
     assert table in readme, f"README's results table differs from {named.group(1)}: paste `python " \
                             f"scripts/readme_results.py {named.group(1)}` into it"
     report = load_report(report_path)
@@ -45,17 +46,10 @@ def test_readme_states_each_linked_reports_date_and_run_time():
         assert stated in readme, f"README should say the run of {name}.md was {stated}"
 
 
-def notebook_times():
-    spec = importlib.util.spec_from_file_location("notebook_times", ROOT / "scripts" / "notebook_times.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_runs_in_column_is_written_from_a_test_log():
     """Every notebook row of the README has a "runs in" time, and `scripts/notebook_times.py` fills that column from
     a `pytest --durations=0` log: the sum of each notebook's cell durations, in minutes."""
-    nt = notebook_times()
+    nt = script("notebook_times")
     readme = (ROOT / "README.md").read_text()
     names = [name for _, name, _, _ in nt.ROW.findall(readme)]
     assert len(names) == len(list((ROOT / "notebooks").glob("*.ipynb"))), "one timed row per notebook"
