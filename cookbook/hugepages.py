@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .measure import tensor_bytes
+
 HUGE_PAGE = 2 * 2**20  # bytes: the x86-64 and arm64 transparent huge page
 MIN_BYTES = 8 * 2**20  # smaller tensors stay put: the page they would take could go unused
 
@@ -47,7 +49,7 @@ def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """A copy of the contiguous CPU tensor `t` in 2 MiB-aligned anonymous memory advised as huge pages, or `t`
     itself where that does not apply (another device, under `MIN_BYTES`, not contiguous, `available()` False).
     The copy keeps its memory alive for as long as it lives (torch.frombuffer holds the mapping)."""
-    nbytes = t.numel() * t.element_size()
+    nbytes = tensor_bytes(t)
     if t.device.type != "cpu" or nbytes < MIN_BYTES or not t.is_contiguous() or not available():
         return t
     # private and anonymous (a shared mapping is shmem, which has a THP setting of its own); one spare huge page to
